@@ -1,0 +1,156 @@
+//! The HTTP surface: OpenAI endpoints for clients and hook endpoints for claude.
+
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::session::{error_response, Answer, Session, Turn};
+use super::{ConnId, Engine, Output};
+use crate::wire::http::{Request, Response};
+use crate::wire::openai::{ApiError, ChatRequest, Completion};
+
+pub const HOOK_STOP: &str = "/hooks/stop";
+pub const HOOK_STOP_FAILURE: &str = "/hooks/stop-failure";
+
+impl Engine {
+    pub(super) fn on_http(&mut self, now: Instant, conn: ConnId, req: Request, unix_secs: u64) {
+        let path = req.path.split('?').next().unwrap_or("");
+        let result = match (req.method.as_str(), path) {
+            ("GET", "/healthz") => Ok(Some(Response::json(200, json!({"status": "ok"}).to_string()))),
+            ("GET", "/v1/models") => self.authorize(&req).map(|()| Some(self.models())),
+            ("POST", "/v1/chat/completions") => self
+                .authorize(&req)
+                .and_then(|()| self.chat(now, conn, &req, unix_secs))
+                .map(|()| None),
+            ("POST", HOOK_STOP) => self.hook(now, conn, &req, false).map(|()| None),
+            ("POST", HOOK_STOP_FAILURE) => self.hook(now, conn, &req, true).map(|()| None),
+            (_, "/healthz" | "/v1/models" | "/v1/chat/completions" | HOOK_STOP | HOOK_STOP_FAILURE) => {
+                Err(ApiError::new(405, "method_not_allowed", format!("{} is not allowed on {path}", req.method)))
+            }
+            _ => Err(ApiError::new(404, "not_found", format!("no such endpoint: {} {path}", req.method))),
+        };
+        match result {
+            Ok(Some(response)) => self.push(Output::Respond { conn, response }),
+            Ok(None) => {}
+            Err(e) => self.push(Output::Respond { conn, response: error_response(&e) }),
+        }
+    }
+
+    fn authorize(&self, req: &Request) -> Result<(), ApiError> {
+        let Some(key) = &self.settings.api_key else { return Ok(()) };
+        match req.bearer() {
+            Some(token) if constant_time_eq(token.as_bytes(), key.as_bytes()) => Ok(()),
+            Some(_) => Err(ApiError::new(401, "invalid_api_key", "wrong API key: send the api_key of synthesis.conf as the bearer token")),
+            None => Err(ApiError::new(401, "missing_api_key", "missing `Authorization: Bearer <api_key>` header")),
+        }
+    }
+
+    fn models(&self) -> Response {
+        let model = json!({"id": self.settings.model, "object": "model", "created": 0, "owned_by": "synthesis"});
+        Response::json(200, json!({"object": "list", "data": [model]}).to_string())
+    }
+
+    /// Admit a chat-completions request as a turn of its session; the answer comes later.
+    fn chat(&mut self, now: Instant, conn: ConnId, req: &Request, unix_secs: u64) -> Result<(), ApiError> {
+        if self.shutting_down() {
+            return Err(ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5));
+        }
+        let body: ChatRequest = serde_json::from_str(&req.body).map_err(|e| {
+            let what = if e.is_data() { "is not a chat completions request" } else { "is not valid JSON" };
+            ApiError::new(400, "invalid_request", format!("request body {what}: {e}"))
+        })?;
+        let key = session_key(req, &body)?;
+        let content = body.new_user_text();
+        if content.is_empty() {
+            return Err(ApiError::new(400, "no_user_message", "no user message with text after the last assistant message"));
+        }
+        if !self.sessions.contains_key(&key) {
+            let uuid = self.ids.uuid();
+            log::info!("session {key}: new, claude session {uuid}");
+            self.sessions.insert(key.clone(), Session::new(key.clone(), uuid));
+        }
+        let completion = Completion {
+            id: format!("chatcmpl-{}", self.ids.token()),
+            created: unix_secs,
+            model: body.model.clone().unwrap_or_else(|| self.settings.model.clone()),
+        };
+        let turn = Turn {
+            conn,
+            stream: body.stream,
+            include_usage: body.include_usage(),
+            completion,
+            content,
+            chat_id: String::new(),
+            replies: Vec::new(),
+            deadline: None,
+        };
+        self.admit(now, &key, turn)
+    }
+
+    /// Stop / StopFailure from claude's HTTP hooks: answered at once (the hook blocks claude),
+    /// then the turn in flight ends.
+    fn hook(&mut self, now: Instant, conn: ConnId, req: &Request, failure: bool) -> Result<(), ApiError> {
+        let id = req
+            .bearer()
+            .and_then(|t| self.process_by_hook_token(t))
+            .ok_or_else(|| ApiError::new(401, "invalid_hook_token", "hook token unknown"))?;
+        let body: Value = serde_json::from_str(&req.body)
+            .map_err(|e| ApiError::new(400, "invalid_request", format!("hook body is not valid JSON: {e}")))?;
+        self.push(Output::Respond { conn, response: Response::json(200, "{}".into()) });
+        let p = self.procs.get_mut(&id).expect("process of hook token");
+        let key = p.session.clone();
+        if p.settle_until.take().is_some() {
+            // The interrupted turn ended after all; the process is free again.
+            log::info!("session {key}: late Stop after an interrupt");
+            self.deliver_next(now, &key);
+            return Ok(());
+        }
+        let Some(turn) = self.sessions.get(&key).and_then(|s| s.current.as_ref()) else {
+            log::info!("session {key}: Stop hook with no turn in flight");
+            return Ok(());
+        };
+        let text_of = |field: &str| body.get(field).and_then(Value::as_str).unwrap_or("").to_string();
+        let answer = if failure {
+            let msg = format!("Claude's model API call failed: {}", text_of("error"));
+            Answer::Error(ApiError::new(502, "claude_api_error", msg))
+        } else {
+            if turn.replies.is_empty() {
+                // No `reply` call: the final assistant text is the answer (maybe empty).
+                let chat_id = turn.chat_id.clone();
+                let last = text_of("last_assistant_message");
+                if !last.is_empty() {
+                    self.on_reply(&key, &chat_id, last);
+                }
+            }
+            let turn = self.sessions[&key].current.as_ref().expect("turn");
+            Answer::Text(turn.replies.join("\n\n"))
+        };
+        self.end_turn(now, &key, answer);
+        Ok(())
+    }
+}
+
+/// The OpenClaw session a request belongs to. OpenClaw sends its session id only with the
+/// compat flags `sendSessionAffinityHeaders` / `supportsPromptCacheKey`; other clients may send `user`.
+/// Without any of them the request is refused: guessing could mix two conversations.
+pub fn session_key(req: &Request, body: &ChatRequest) -> Result<String, ApiError> {
+    let headers = ["x-session-affinity", "session_id"].into_iter().filter_map(|h| req.header(h));
+    let fields = [&body.prompt_cache_key, &body.user].into_iter().filter_map(|f| f.as_deref());
+    headers
+        .chain(fields)
+        .map(str::trim)
+        .find(|k| !k.is_empty())
+        .map(String::from)
+        .ok_or_else(|| {
+            ApiError::new(
+                400,
+                "missing_session_key",
+                "no session key: send the x-session-affinity header (OpenClaw: set compat.sendSessionAffinityHeaders \
+                 and compat.supportsPromptCacheKey on the model), or prompt_cache_key or user in the body",
+            )
+        })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

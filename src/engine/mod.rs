@@ -1,0 +1,294 @@
+//! The sans-IO core: every session, process and turn transition happens here.
+//!
+//! The shell feeds `handle(now, Input)` and then drains `poll_output()` completely; it sleeps
+//! until `poll_timeout()` and then feeds `Input::Tick`. The engine never touches a socket,
+//! a clock, a random generator or a process: time comes in, identifiers come from `Ids`,
+//! and every effect on the world is an `Output`.
+
+mod api;
+mod process;
+pub mod screen;
+mod session;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::bridge::{FromChannel, ToChannel};
+use crate::wire::http::{Request, Response};
+use process::Process;
+use session::Session;
+
+/// A client or bridge connection, named by the shell.
+pub type ConnId = u64;
+/// A claude process, named by the engine.
+pub type ProcId = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Input {
+    /// A complete HTTP request (not a WebSocket upgrade) on a client connection.
+    Http { conn: ConnId, request: Request, unix_secs: u64 },
+    /// The client connection went away.
+    ConnClosed { conn: ConnId },
+    BridgeFrame { conn: ConnId, frame: FromChannel },
+    BridgeClosed { conn: ConnId },
+    Spawned { proc: ProcId, pid: u32 },
+    SpawnFailed { proc: ProcId, error: String },
+    /// Output read from claude's terminal.
+    Terminal { proc: ProcId, text: String },
+    /// The process (group leader) was reaped.
+    Exited { proc: ProcId, status: String },
+    /// SIGTERM or SIGINT.
+    Shutdown,
+    /// `poll_timeout()` has passed.
+    Tick,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Signal {
+    Term,
+    Kill,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpawnSpec {
+    /// Claude Code session uuid: `--resume` when its transcript exists, else `--session-id`.
+    pub session_uuid: String,
+    /// One-time token the channel presents in its bridge `hello`.
+    pub bridge_token: String,
+    /// Token claude's HTTP hooks present.
+    pub hook_token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    Respond { conn: ConnId, response: Response },
+    /// Send the head of a server-sent-events response.
+    StreamStart { conn: ConnId },
+    StreamData { conn: ConnId, data: String },
+    /// The stream is complete; the connection may serve its next request.
+    StreamEnd { conn: ConnId },
+    Bridge { conn: ConnId, frame: ToChannel },
+    CloseBridge { conn: ConnId },
+    Spawn { proc: ProcId, spec: SpawnSpec },
+    WriteTerminal { proc: ProcId, data: String },
+    /// Signal the process group.
+    Signal { proc: ProcId, signal: Signal },
+    /// Every process is gone after a shutdown: exit 0.
+    Exit,
+}
+
+/// Where identifiers come from: random in production, a counter in tests.
+pub trait Ids {
+    fn uuid(&mut self) -> String;
+    fn token(&mut self) -> String;
+}
+
+pub struct RandomIds;
+
+impl Ids for RandomIds {
+    fn uuid(&mut self) -> String {
+        uuid::Uuid::new_v4().to_string()
+    }
+    fn token(&mut self) -> String {
+        uuid::Uuid::new_v4().simple().to_string()
+    }
+}
+
+/// Deterministic identifiers for replay tests.
+#[derive(Default)]
+pub struct CounterIds(u64);
+
+impl Ids for CounterIds {
+    fn uuid(&mut self) -> String {
+        self.0 += 1;
+        format!("00000000-0000-4000-8000-{:012}", self.0)
+    }
+    fn token(&mut self) -> String {
+        self.0 += 1;
+        format!("t{}", self.0)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub api_key: Option<String>,
+    pub model: String,
+    pub max_processes: usize,
+    pub queue_depth: usize,
+    pub ready_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub idle_sweep: Duration,
+    pub turn_timeout: Duration,
+    /// SIGTERM to SIGKILL.
+    pub stop_grace: Duration,
+    /// How long turns in flight may finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// After an interrupt, how long a late Stop hook is still attributed to the interrupted turn.
+    pub settle: Duration,
+}
+
+impl Settings {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Settings {
+            api_key: c.api_key.clone(),
+            model: c.model.clone(),
+            max_processes: c.max_processes,
+            queue_depth: c.queue_depth,
+            ready_timeout: c.ready_timeout,
+            idle_timeout: c.idle_timeout,
+            idle_sweep: c.idle_sweep,
+            turn_timeout: c.turn_timeout,
+            stop_grace: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+            settle: Duration::from_millis(500),
+        }
+    }
+}
+
+pub struct Engine {
+    settings: Settings,
+    ids: Box<dyn Ids>,
+    sessions: HashMap<String, Session>,
+    procs: HashMap<ProcId, Process>,
+    next_proc: ProcId,
+    /// Client connection → key of the session whose turn it waits for.
+    waiting: HashMap<ConnId, String>,
+    /// Bound bridge connection → its process.
+    bridges: HashMap<ConnId, ProcId>,
+    /// Sessions waiting for a process slot to free up, oldest first.
+    slot_waiters: VecDeque<String>,
+    next_sweep: Instant,
+    shutdown: Shutdown,
+    outputs: VecDeque<Output>,
+}
+
+impl Engine {
+    pub fn new(settings: Settings, ids: Box<dyn Ids>, now: Instant) -> Self {
+        Engine {
+            next_sweep: now + settings.idle_sweep,
+            settings,
+            ids,
+            sessions: HashMap::new(),
+            procs: HashMap::new(),
+            next_proc: 1,
+            waiting: HashMap::new(),
+            bridges: HashMap::new(),
+            slot_waiters: VecDeque::new(),
+            shutdown: Shutdown::Running,
+            outputs: VecDeque::new(),
+        }
+    }
+
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::Http { conn, request, unix_secs } => self.on_http(now, conn, request, unix_secs),
+            Input::ConnClosed { conn } => self.on_conn_closed(now, conn),
+            Input::BridgeFrame { conn, frame } => self.on_bridge_frame(now, conn, frame),
+            Input::BridgeClosed { conn } => self.on_bridge_closed(now, conn),
+            Input::Spawned { proc, pid } => self.on_spawned(proc, pid),
+            Input::SpawnFailed { proc, error } => self.on_spawn_failed(now, proc, error),
+            Input::Terminal { proc, text } => self.on_terminal(now, proc, &text),
+            Input::Exited { proc, status } => self.on_exited(now, proc, &status),
+            Input::Shutdown => self.on_shutdown(now),
+            Input::Tick => self.on_tick(now),
+        }
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The earliest deadline: ready, stop grace, settle, turn, idle sweep or shutdown.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let procs = self.procs.values().filter_map(Process::deadline);
+        let turns = self.sessions.values().filter_map(Session::deadline);
+        let own = match self.shutdown {
+            Shutdown::Running => Some(self.next_sweep),
+            Shutdown::Draining(deadline) => Some(deadline),
+            Shutdown::Stopping => None,
+        };
+        procs.chain(turns).chain(own).min()
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        self.expire_processes(now);
+        self.expire_turns(now);
+        match self.shutdown {
+            Shutdown::Running if now >= self.next_sweep => {
+                self.sweep_idle(now);
+                self.next_sweep = now + self.settings.idle_sweep;
+            }
+            Shutdown::Draining(deadline) if now >= deadline => self.stop_everything(now),
+            _ => {}
+        }
+    }
+
+    fn on_shutdown(&mut self, now: Instant) {
+        if self.shutdown != Shutdown::Running {
+            return;
+        }
+        log::info!("shutting down: {} sessions, {} processes", self.sessions.len(), self.procs.len());
+        self.shutdown = Shutdown::Draining(now + self.settings.shutdown_grace);
+        self.fail_all_queued();
+        self.maybe_finish_shutdown(now);
+    }
+
+    /// While draining, once no turn is in flight, stop every process.
+    fn maybe_finish_shutdown(&mut self, now: Instant) {
+        if matches!(self.shutdown, Shutdown::Draining(_)) && self.sessions.values().all(|s| s.current.is_none()) {
+            self.stop_everything(now);
+        }
+    }
+
+    /// Stop every process (turns still in flight fail); exit once none is left.
+    fn stop_everything(&mut self, now: Instant) {
+        self.shutdown = Shutdown::Stopping;
+        let ids: Vec<ProcId> = self.procs.keys().copied().collect();
+        for id in ids {
+            self.stop_process(now, id, "synthesis is shutting down");
+        }
+        self.maybe_exit();
+    }
+
+    fn maybe_exit(&mut self) {
+        if self.shutdown == Shutdown::Stopping && self.procs.is_empty() {
+            self.push(Output::Exit);
+        }
+    }
+
+    fn push(&mut self, out: Output) {
+        self.outputs.push_back(out);
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.shutdown != Shutdown::Running
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shutdown {
+    Running,
+    /// Turns in flight may finish until this deadline.
+    Draining(Instant),
+    /// Every process has been told to stop; exit when the last is reaped.
+    Stopping,
+}
+
+#[cfg(test)]
+pub(crate) fn test_settings() -> Settings {
+    Settings {
+        api_key: Some("key".into()),
+        model: "claude-code".into(),
+        max_processes: 4,
+        queue_depth: 2,
+        ready_timeout: Duration::from_secs(15),
+        idle_timeout: Duration::from_secs(600),
+        idle_sweep: Duration::from_secs(60),
+        turn_timeout: Duration::from_secs(300),
+        stop_grace: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(10),
+        settle: Duration::from_millis(500),
+    }
+}

@@ -1,0 +1,361 @@
+//! Claude processes: spawn, dialog confirmation, readiness, stop, death, idle sweep, pool limit.
+
+use std::time::{Duration, Instant};
+
+use super::screen::{Prompt, Screen};
+use super::session::Answer;
+use super::{ConnId, Engine, Output, ProcId, Signal, SpawnSpec};
+use crate::wire::bridge::{self, FromChannel};
+use crate::wire::openai::ApiError;
+
+/// Pause between seeing the development-channels warning and pressing Enter: the real TUI
+/// drops keys that arrive before it has finished drawing the dialog.
+const CONFIRM_DELAY: Duration = Duration::from_millis(300);
+/// Terminal lines quoted in error messages.
+const TAIL_LINES: usize = 12;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcState {
+    /// Spawned (or being spawned); not yet `hello` on the bridge.
+    Starting,
+    Ready,
+    /// Told to stop; waiting to be reaped.
+    Stopping,
+}
+
+pub struct Process {
+    pub session: String,
+    pub pid: Option<u32>,
+    pub state: ProcState,
+    pub bridge: Option<ConnId>,
+    pub bridge_token: String,
+    pub hook_token: String,
+    pub screen: Screen,
+    pub started: Instant,
+    pub idle_since: Instant,
+    pub turns: u64,
+    ready_deadline: Instant,
+    confirm_at: Option<Instant>,
+    dialog_seen: bool,
+    /// SIGKILL after this, while stopping.
+    kill_at: Option<Instant>,
+    /// After an interrupt: no delivery before this.
+    pub settle_until: Option<Instant>,
+    /// Why synthesis stopped it, for the turn that is cut short.
+    stop_reason: Option<String>,
+}
+
+impl Process {
+    pub fn deadline(&self) -> Option<Instant> {
+        match self.state {
+            ProcState::Starting => self.confirm_at.into_iter().chain([self.ready_deadline]).min(),
+            ProcState::Ready => self.settle_until,
+            ProcState::Stopping => self.kill_at,
+        }
+    }
+
+    /// The bridge to deliver a turn on, when the process can take one now.
+    pub fn accepting_bridge(&self, now: Instant) -> Option<ConnId> {
+        let settled = self.settle_until.is_none_or(|t| now >= t);
+        (self.state == ProcState::Ready && settled).then_some(self.bridge?)
+    }
+
+    fn describe(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("claude (pid {pid})"),
+            None => "claude".into(),
+        }
+    }
+
+    fn tail(&self) -> String {
+        match self.screen.last_lines(TAIL_LINES) {
+            t if t.is_empty() => "(claude printed nothing)".into(),
+            t => format!("last terminal lines:\n{t}"),
+        }
+    }
+}
+
+impl Engine {
+    /// Make sure the session has a process or a claim on the next free slot.
+    pub(super) fn ensure_process(&mut self, now: Instant, key: &str) -> Result<(), ApiError> {
+        let s = &self.sessions[key];
+        if s.proc.is_some() || s.wants_slot {
+            return Ok(());
+        }
+        if self.procs.len() < self.settings.max_processes {
+            self.spawn(now, key);
+            return Ok(());
+        }
+        if let Some(victim) = self.least_recently_used_idle() {
+            self.stop_process(now, victim, "evicted to make room for another session");
+        } else {
+            let stopping = self.procs.values().filter(|p| p.state == ProcState::Stopping).count();
+            if stopping <= self.slot_waiters.len() {
+                let max = self.settings.max_processes;
+                let msg = format!("all {max} claude processes (max_processes) are busy with turns; retry shortly");
+                return Err(ApiError::new(503, "pool_busy", msg).retry_after(5));
+            }
+        }
+        self.sessions.get_mut(key).expect("session").wants_slot = true;
+        self.slot_waiters.push_back(key.to_string());
+        Ok(())
+    }
+
+    fn least_recently_used_idle(&self) -> Option<ProcId> {
+        self.procs
+            .iter()
+            .filter(|(_, p)| p.state == ProcState::Ready && self.sessions[&p.session].is_idle())
+            .min_by_key(|(_, p)| p.idle_since)
+            .map(|(id, _)| *id)
+    }
+
+    fn spawn(&mut self, now: Instant, key: &str) {
+        let id = self.next_proc;
+        self.next_proc += 1;
+        let session = self.sessions.get_mut(key).expect("session");
+        session.proc = Some(id);
+        let spec = SpawnSpec {
+            session_uuid: session.uuid.clone(),
+            bridge_token: self.ids.token(),
+            hook_token: self.ids.token(),
+        };
+        log::info!("session {key}: spawning process {id} for claude session {}", spec.session_uuid);
+        let proc = Process {
+            session: key.to_string(),
+            pid: None,
+            state: ProcState::Starting,
+            bridge: None,
+            bridge_token: spec.bridge_token.clone(),
+            hook_token: spec.hook_token.clone(),
+            screen: Screen::default(),
+            started: now,
+            idle_since: now,
+            turns: 0,
+            ready_deadline: now + self.settings.ready_timeout,
+            confirm_at: None,
+            dialog_seen: false,
+            kill_at: None,
+            settle_until: None,
+            stop_reason: None,
+        };
+        self.procs.insert(id, proc);
+        self.push(Output::Spawn { proc: id, spec });
+    }
+
+    /// Spawn waiting sessions while there is room in the pool.
+    fn serve_slot_waiters(&mut self, now: Instant) {
+        while self.procs.len() < self.settings.max_processes {
+            let Some(key) = self.slot_waiters.pop_front() else { return };
+            let Some(s) = self.sessions.get_mut(&key) else { continue };
+            s.wants_slot = false;
+            if s.proc.is_none() && !s.queue.is_empty() {
+                self.spawn(now, &key);
+            }
+        }
+    }
+
+    pub(super) fn on_spawned(&mut self, id: ProcId, pid: u32) {
+        if let Some(p) = self.procs.get_mut(&id) {
+            log::info!("session {}: process {id} is claude pid {pid}", p.session);
+            p.pid = Some(pid);
+        }
+    }
+
+    pub(super) fn on_spawn_failed(&mut self, now: Instant, id: ProcId, error: String) {
+        let Some(p) = self.procs.remove(&id) else { return };
+        let msg = format!("cannot start claude: {error}; check claude_command in synthesis.conf");
+        log::error!("session {}: {msg}", p.session);
+        self.detach(&p);
+        self.fail_queued(&p.session, &ApiError::new(502, "claude_spawn_failed", msg));
+        self.serve_slot_waiters(now);
+        self.maybe_exit();
+    }
+
+    pub(super) fn on_terminal(&mut self, now: Instant, id: ProcId, text: &str) {
+        let Some(p) = self.procs.get_mut(&id) else { return };
+        for prompt in p.screen.push(text) {
+            match prompt {
+                Prompt::DevChannels if !p.dialog_seen && p.state == ProcState::Starting => {
+                    p.dialog_seen = true;
+                    p.confirm_at = Some(now + CONFIRM_DELAY);
+                }
+                Prompt::WorkspaceTrust if p.state == ProcState::Starting => {
+                    let msg = format!(
+                        "claude stopped at the workspace trust question (\"Is this a project you trust?\"); \
+                         run `claude` once in the workspace folder and answer \"Yes, I trust this folder\". {}",
+                        p.tail()
+                    );
+                    log::error!("session {}: {msg}", p.session);
+                    self.fail_process(now, id, ApiError::new(502, "workspace_not_trusted", msg));
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub(super) fn on_bridge_frame(&mut self, now: Instant, conn: ConnId, frame: FromChannel) {
+        match frame {
+            FromChannel::Hello { v, token } => self.on_hello(now, conn, v, &token),
+            FromChannel::Reply { chat_id, text } => {
+                let Some(p) = self.bridges.get(&conn).and_then(|id| self.procs.get(id)) else {
+                    log::warn!("bridge {conn}: reply before hello, closing");
+                    self.push(Output::CloseBridge { conn });
+                    return;
+                };
+                let key = p.session.clone();
+                self.on_reply(&key, &chat_id, text);
+            }
+            FromChannel::Heartbeat => {}
+        }
+    }
+
+    fn on_hello(&mut self, now: Instant, conn: ConnId, v: u32, token: &str) {
+        let found = self
+            .procs
+            .iter_mut()
+            .find(|(_, p)| p.bridge.is_none() && p.state == ProcState::Starting && p.bridge_token == token);
+        let Some((&id, p)) = found.filter(|_| v == bridge::VERSION) else {
+            log::warn!("bridge {conn}: hello with an unknown or used token or version {v}, closing");
+            self.push(Output::CloseBridge { conn });
+            return;
+        };
+        p.bridge = Some(conn);
+        p.state = ProcState::Ready;
+        p.confirm_at = None;
+        p.idle_since = now;
+        let key = p.session.clone();
+        let ms = now.duration_since(p.started).as_millis();
+        log::info!("session {key}: process {id} ready after {ms} ms");
+        self.bridges.insert(conn, id);
+        self.deliver_next(now, &key);
+    }
+
+    /// A bound bridge closing means the channel is gone: claude is useless without it.
+    pub(super) fn on_bridge_closed(&mut self, now: Instant, conn: ConnId) {
+        let Some(id) = self.bridges.remove(&conn) else { return };
+        if let Some(p) = self.procs.get_mut(&id) {
+            p.bridge = None;
+            self.stop_process(now, id, "its channel disconnected from the bridge");
+        }
+    }
+
+    pub(super) fn on_exited(&mut self, now: Instant, id: ProcId, status: &str) {
+        let Some(p) = self.procs.remove(&id) else { return };
+        let alive = now.duration_since(p.started).as_millis();
+        log::info!("session {}: process {id} ({}) exited: {status} after {alive} ms", p.session, p.describe());
+        self.detach(&p);
+        let key = p.session.clone();
+        let reason = p.stop_reason.clone().unwrap_or_else(|| format!("{} exited ({status})", p.describe()));
+        if self.sessions[&key].current.is_some() {
+            let msg = format!("{reason} during the turn; {}", p.tail());
+            self.end_turn(now, &key, Answer::Error(ApiError::new(502, "claude_exited", msg)));
+        }
+        let queued = !self.sessions[&key].queue.is_empty();
+        if queued && p.state == ProcState::Starting {
+            // Died before becoming ready: respawning would likely loop; report why.
+            let msg = format!("{reason} before its channel was ready; {}", p.tail());
+            self.fail_queued(&key, &ApiError::new(502, "claude_start_failed", msg));
+        } else if queued && !self.shutting_down() {
+            // Queued turns go to a fresh process that resumes the same Claude session.
+            if let Err(e) = self.ensure_process(now, &key) {
+                self.fail_queued(&key, &e);
+            }
+        }
+        self.serve_slot_waiters(now);
+        self.maybe_exit();
+    }
+
+    /// Forget the process in its session and bridge tables.
+    fn detach(&mut self, p: &Process) {
+        if let Some(conn) = p.bridge {
+            self.bridges.remove(&conn);
+            self.push(Output::CloseBridge { conn });
+        }
+        if let Some(s) = self.sessions.get_mut(&p.session) {
+            s.proc = None;
+        }
+    }
+
+    /// Fail everything the process's session is waiting for, then stop the process.
+    fn fail_process(&mut self, now: Instant, id: ProcId, err: ApiError) {
+        let key = self.procs[&id].session.clone();
+        self.stop_process(now, id, &err.message);
+        if self.sessions[&key].current.is_some() {
+            self.end_turn(now, &key, Answer::Error(err.clone()));
+        }
+        self.fail_queued(&key, &err);
+    }
+
+    /// SIGTERM to the process group, SIGKILL after `stop_grace`.
+    pub(super) fn stop_process(&mut self, now: Instant, id: ProcId, reason: &str) {
+        let Some(p) = self.procs.get_mut(&id) else { return };
+        if p.state == ProcState::Stopping {
+            return;
+        }
+        log::info!("session {}: stopping process {id} ({}): {reason}", p.session, p.describe());
+        p.state = ProcState::Stopping;
+        p.stop_reason = Some(format!("{} was stopped: {reason}", p.describe()));
+        p.kill_at = Some(now + self.settings.stop_grace);
+        self.push(Output::Signal { proc: id, signal: Signal::Term });
+    }
+
+    /// Ready timeouts, dialog confirmations, settle ends and SIGKILLs that are due.
+    pub(super) fn expire_processes(&mut self, now: Instant) {
+        let due: Vec<ProcId> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.deadline().is_some_and(|d| now >= d))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let p = self.procs.get_mut(&id).expect("due process");
+            match p.state {
+                ProcState::Starting if p.confirm_at.is_some_and(|t| now >= t) => {
+                    p.confirm_at = None;
+                    log::info!("session {}: confirming the development-channels dialog", p.session);
+                    self.push(Output::WriteTerminal { proc: id, data: "\r".into() });
+                }
+                ProcState::Starting => {
+                    let secs = self.settings.ready_timeout.as_secs_f32();
+                    let msg = format!(
+                        "{} did not become ready within {secs} s (ready_timeout); {}",
+                        p.describe(),
+                        p.tail()
+                    );
+                    log::error!("session {}: {msg}", p.session);
+                    self.fail_process(now, id, ApiError::new(504, "claude_not_ready", msg));
+                }
+                ProcState::Ready => {
+                    p.settle_until = None;
+                    let key = p.session.clone();
+                    self.deliver_next(now, &key);
+                }
+                ProcState::Stopping => {
+                    p.kill_at = None;
+                    log::warn!("session {}: process {id} ignored SIGTERM, killing", p.session);
+                    self.push(Output::Signal { proc: id, signal: Signal::Kill });
+                }
+            }
+        }
+    }
+
+    /// Stop processes idle longer than `idle_timeout`; never one with a turn in flight or queued.
+    pub(super) fn sweep_idle(&mut self, now: Instant) {
+        let idle: Vec<ProcId> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.state == ProcState::Ready && self.sessions[&p.session].is_idle())
+            .filter(|(_, p)| now.duration_since(p.idle_since) >= self.settings.idle_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            self.stop_process(now, id, "idle longer than idle_timeout");
+        }
+    }
+
+    /// The process behind a hook token.
+    pub(super) fn process_by_hook_token(&self, token: &str) -> Option<ProcId> {
+        self.procs.iter().find(|(_, p)| p.hook_token == token).map(|(id, _)| *id)
+    }
+}

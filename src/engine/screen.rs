@@ -1,0 +1,135 @@
+//! What claude shows on its terminal: a bounded, ANSI-stripped tail for error messages,
+//! and recognition of the screens that would block an unattended claude.
+
+/// Characters of plain terminal text kept for error messages.
+const TAIL_CHARS: usize = 4000;
+/// Characters of whitespace-free text searched for screen markers.
+const SQUASHED_CHARS: usize = 2000;
+
+/// Screens synthesis reacts to. Markers are matched with all whitespace removed, because the
+/// TUI moves the cursor instead of printing spaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prompt {
+    /// "I am using this for local development": option 1 is preselected, `\r` accepts.
+    DevChannels,
+    /// Workspace trust: the default answer exits claude; accepting is the operator's call.
+    WorkspaceTrust,
+    /// "Interrupted" after an ESC.
+    Interrupted,
+}
+
+const MARKERS: &[(&str, Prompt)] = &[
+    ("Iamusingthisforlocaldevelopment", Prompt::DevChannels),
+    ("Yes,Itrustthisfolder", Prompt::WorkspaceTrust),
+    ("Interrupted", Prompt::Interrupted),
+];
+
+#[derive(Debug, Default)]
+pub struct Screen {
+    tail: String,
+    squashed: String,
+}
+
+impl Screen {
+    /// Add terminal output; returns the prompts newly visible in it.
+    pub fn push(&mut self, raw: &str) -> Vec<Prompt> {
+        let plain = strip_ansi(raw);
+        self.tail.push_str(&plain);
+        keep_last(&mut self.tail, TAIL_CHARS);
+        self.squashed.extend(plain.chars().filter(|c| !c.is_whitespace()));
+        let mut found = Vec::new();
+        for (marker, prompt) in MARKERS {
+            if let Some(i) = self.squashed.find(marker) {
+                found.push(*prompt);
+                // Forget it, so one appearance is reported once.
+                self.squashed.drain(..i + marker.len());
+            }
+        }
+        keep_last(&mut self.squashed, SQUASHED_CHARS);
+        found
+    }
+
+    /// The last `n` non-blank lines, for error messages and logs.
+    pub fn last_lines(&self, n: usize) -> String {
+        let lines: Vec<&str> = self
+            .tail
+            .lines()
+            .map(str::trim_end)
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+fn keep_last(s: &mut String, max_chars: usize) {
+    let count = s.chars().count();
+    if count > max_chars {
+        let cut = s.char_indices().nth(count - max_chars).map_or(0, |(i, _)| i);
+        s.drain(..cut);
+    }
+}
+
+/// Remove CSI, OSC and other escape sequences; cursor movement becomes a space so that
+/// words placed by cursor jumps stay apart in the tail.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => match chars.next() {
+                Some('[') => {
+                    // CSI: parameters and intermediates, then one final byte in @..~
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            if matches!(c, 'C' | 'G' | 'H' | 'f') {
+                                out.push(' ');
+                            }
+                            break;
+                        }
+                    }
+                }
+                Some(']') => {
+                    // OSC: until BEL or ESC \
+                    while let Some(c) = chars.next() {
+                        if c == '\x07' || (c == '\x1b' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                Some('(' | ')') => {
+                    chars.next();
+                }
+                _ => {}
+            },
+            '\r' => {}
+            c if c.is_control() && c != '\n' && c != '\t' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_escapes() {
+        assert_eq!(strip_ansi("\x1b[1;31mred\x1b[0m \x1b]0;title\x07ok\r\n"), "red ok\n");
+    }
+
+    #[test]
+    fn finds_a_marker_split_across_reads_and_drawn_with_cursor_moves() {
+        let mut s = Screen::default();
+        assert!(s.push("I am \x1b[2Cusing this for lo").is_empty());
+        assert_eq!(s.push("cal development"), vec![Prompt::DevChannels]);
+        assert!(s.push(" more").is_empty(), "reported once");
+    }
+
+    #[test]
+    fn last_lines_skip_blank_ones() {
+        let mut s = Screen::default();
+        s.push("a\n\n b\nc\n   \n");
+        assert_eq!(s.last_lines(2), " b\nc");
+    }
+}

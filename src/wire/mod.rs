@@ -1,0 +1,6 @@
+//! Wire formats, parsed at the edge: the engine only ever sees these typed values.
+
+pub mod bridge;
+pub mod http;
+pub mod mcp;
+pub mod openai;

@@ -1,0 +1,177 @@
+//! OpenAI chat-completions request and response shapes (what OpenClaw speaks).
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The parts of a chat-completions request that synthesis acts on; everything else
+/// (tools, tool_choice, max_completion_tokens, ...) is accepted and ignored.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub prompt_cache_key: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Value>,
+}
+
+impl ChatMessage {
+    /// The text of the message: a plain string, or the `text` parts of a content array.
+    pub fn text(&self) -> String {
+        match &self.content {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => String::new(),
+        }
+    }
+}
+
+impl ChatRequest {
+    /// The new input of this request: the user messages after the last assistant message,
+    /// joined by blank lines. Earlier history is already in Claude's own session.
+    pub fn new_user_text(&self) -> String {
+        let start = self
+            .messages
+            .iter()
+            .rposition(|m| m.role == "assistant")
+            .map_or(0, |i| i + 1);
+        self.messages[start..]
+            .iter()
+            .filter(|m| m.role == "user")
+            .map(ChatMessage::text)
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n\n")
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
+}
+
+/// Identity of one completion, repeated in every chunk of a stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Completion {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+fn usage() -> Value {
+    // Claude Code does not report token counts to a channel; zeros are the honest answer.
+    json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+}
+
+/// The whole non-streamed answer.
+pub fn completion_json(c: &Completion, text: &str) -> String {
+    json!({
+        "id": c.id, "object": "chat.completion", "created": c.created, "model": c.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": "stop"}],
+        "usage": usage(),
+    })
+    .to_string()
+}
+
+fn chunk(c: &Completion, delta: Value, finish: Option<&str>) -> String {
+    let body = json!({
+        "id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    });
+    sse_data(&body.to_string())
+}
+
+/// One SSE event carrying `data`.
+pub fn sse_data(data: &str) -> String {
+    format!("data: {data}\n\n")
+}
+
+/// First event of every stream, sent as soon as the request is accepted.
+pub fn role_chunk(c: &Completion) -> String {
+    chunk(c, json!({"role": "assistant", "content": ""}), None)
+}
+
+pub fn content_chunk(c: &Completion, text: &str) -> String {
+    chunk(c, json!({"content": text}), None)
+}
+
+/// The closing events: finish reason, usage when asked for, and `[DONE]`.
+pub fn stream_end(c: &Completion, include_usage: bool) -> String {
+    let mut out = chunk(c, json!({}), Some("stop"));
+    if include_usage {
+        let body = json!({
+            "id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model,
+            "choices": [], "usage": usage(),
+        });
+        out.push_str(&sse_data(&body.to_string()));
+    }
+    out.push_str(&sse_data("[DONE]"));
+    out
+}
+
+/// An error after the stream has started: the OpenAI SDKs raise on a chunk with `error`.
+pub fn stream_error(err: &ApiError) -> String {
+    let mut out = sse_data(&err.body());
+    out.push_str(&sse_data("[DONE]"));
+    out
+}
+
+/// An error in the OpenAI shape, with its HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ApiError {
+    pub status: u16,
+    pub kind: String,
+    pub code: String,
+    pub message: String,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+        let kind = match status {
+            401 => "authentication_error",
+            400 | 404 | 413 => "invalid_request_error",
+            429 => "rate_limit_error",
+            _ => "server_error",
+        };
+        ApiError {
+            status,
+            kind: kind.into(),
+            code: code.into(),
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    pub fn body(&self) -> String {
+        json!({"error": {"message": self.message, "type": self.kind, "code": self.code}}).to_string()
+    }
+}

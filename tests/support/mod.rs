@@ -1,0 +1,152 @@
+//! Replay harness: drives the engine with scripted inputs on a virtual clock.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use synthesis::engine::{CounterIds, Engine, Input, Output, Settings};
+use synthesis::wire::bridge::FromChannel;
+use synthesis::wire::http::Request;
+
+pub const KEY: &str = "key";
+
+pub fn settings() -> Settings {
+    Settings {
+        api_key: Some(KEY.into()),
+        model: "claude-code".into(),
+        max_processes: 4,
+        queue_depth: 2,
+        ready_timeout: Duration::from_secs(15),
+        idle_timeout: Duration::from_secs(600),
+        idle_sweep: Duration::from_secs(60),
+        turn_timeout: Duration::from_secs(300),
+        stop_grace: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(10),
+        settle: Duration::from_millis(500),
+    }
+}
+
+pub struct Script {
+    pub engine: Engine,
+    pub start: Instant,
+    pub now: Instant,
+}
+
+impl Script {
+    pub fn new(settings: Settings) -> Self {
+        let start = Instant::now();
+        Script { engine: Engine::new(settings, Box::new(CounterIds::default()), start), start, now: start }
+    }
+
+    /// Feed one input and drain every output.
+    pub fn input(&mut self, input: Input) -> Vec<Output> {
+        self.engine.handle(self.now, input);
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Output> {
+        std::iter::from_fn(|| self.engine.poll_output()).collect()
+    }
+
+    /// Move the clock forward by `d`, firing every deadline on the way, as the shell would.
+    pub fn advance(&mut self, d: Duration) -> Vec<Output> {
+        let end = self.now + d;
+        let mut out = Vec::new();
+        while let Some(t) = self.engine.poll_timeout().filter(|t| *t <= end) {
+            self.now = t.max(self.now);
+            out.extend(self.input(Input::Tick));
+        }
+        self.now = end;
+        out
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// Spawn answered, dev dialog shown and confirmed, channel says hello.
+    /// Returns the outputs of the hello (usually the delivery).
+    pub fn start_process(&mut self, proc: u64, pid: u32, bridge_conn: u64, token: &str) -> Vec<Output> {
+        assert!(self.input(Input::Spawned { proc, pid }).is_empty());
+        let dialog = "\x1b[2J WARNING: Loading development channels\r\n I am using this for local development";
+        assert!(self.input(Input::Terminal { proc, text: dialog.into() }).is_empty());
+        let confirm = self.advance(Duration::from_millis(300));
+        assert_eq!(confirm, vec![Output::WriteTerminal { proc, data: "\r".into() }]);
+        self.input(hello(bridge_conn, token))
+    }
+}
+
+pub fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Request {
+    Request {
+        method: method.into(),
+        path: path.into(),
+        headers: headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+        body: body.into(),
+    }
+}
+
+pub fn http(conn: u64, request: Request) -> Input {
+    Input::Http { conn, request, unix_secs: 1_790_000_000 }
+}
+
+/// A chat request from `session` whose last user message is `text`.
+pub fn chat(conn: u64, session: &str, text: &str, stream: bool) -> Input {
+    let body = json!({
+        "model": "claude-code",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}],
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+    });
+    let auth = format!("Bearer {KEY}");
+    let headers = [("authorization", auth.as_str()), ("x-session-affinity", session)];
+    http(conn, request("POST", "/v1/chat/completions", &headers, &body.to_string()))
+}
+
+pub fn hello(conn: u64, token: &str) -> Input {
+    Input::BridgeFrame { conn, frame: FromChannel::Hello { v: 1, token: token.into() } }
+}
+
+pub fn reply(conn: u64, chat_id: &str, text: &str) -> Input {
+    let frame = FromChannel::Reply { chat_id: chat_id.into(), text: text.into() };
+    Input::BridgeFrame { conn, frame }
+}
+
+pub fn stop_hook(conn: u64, token: &str, last: Option<&str>) -> Input {
+    let mut body = json!({"session_id": "s", "hook_event_name": "Stop", "transcript_path": "/t", "cwd": "/w"});
+    if let Some(last) = last {
+        body["last_assistant_message"] = json!(last);
+    }
+    let auth = format!("Bearer {token}");
+    http(conn, request("POST", "/hooks/stop", &[("authorization", &auth)], &body.to_string()))
+}
+
+/// The status and parsed JSON body of a `Respond` output.
+pub fn response(out: &Output) -> (u64, u16, Value) {
+    match out {
+        Output::Respond { conn, response } => (*conn, response.status, serde_json::from_str(&response.body).unwrap()),
+        other => panic!("expected a response, got {other:?}"),
+    }
+}
+
+/// The parsed `data:` payloads of a stream's `StreamData` outputs for `conn`.
+pub fn stream_events(outs: &[Output], conn: u64) -> Vec<String> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::StreamData { conn: c, data } if *c == conn => Some(data.clone()),
+            _ => None,
+        })
+        .flat_map(|d| {
+            d.split("\n\n")
+                .filter(|e| !e.is_empty())
+                .map(|e| e.strip_prefix("data: ").expect("data event").to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+pub fn hook_ok(conn: u64) -> Output {
+    Output::Respond {
+        conn,
+        response: synthesis::wire::http::Response::json(200, "{}".into()),
+    }
+}
