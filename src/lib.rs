@@ -1,5 +1,7 @@
 //! synthesis: OpenClaw's model provider backed by long-lived interactive Claude Code processes.
 
+pub mod channel;
 pub mod config;
 pub mod engine;
+pub mod shell;
 pub mod wire;

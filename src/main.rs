@@ -1,1 +1,39 @@
-fn main() {}
+//! `synthesis [--config PATH]` serves; `synthesis channel` is the MCP channel claude runs.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("channel") => synthesis::channel::run(),
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => config_path(&args)
+            .and_then(|path| synthesis::config::Config::load(path.as_deref()))
+            .and_then(synthesis::shell::serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage:
+  synthesis [--config PATH]   run the service (default config: environment only)
+  synthesis channel           the MCP channel server claude starts (not for manual use)";
+
+fn config_path(args: &[String]) -> Result<Option<String>, String> {
+    match args {
+        [] => Ok(None),
+        [flag, path] if flag == "--config" => Ok(Some(path.clone())),
+        _ => Err(format!("unexpected arguments {args:?}\n{USAGE}")),
+    }
+}

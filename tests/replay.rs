@@ -13,20 +13,40 @@ use synthesis::wire::bridge::ToChannel;
 const UUID1: &str = "00000000-0000-4000-8000-000000000001";
 
 fn spawn_of(proc: u64, uuid: &str, bridge: &str, hook: &str) -> Output {
-    let spec = SpawnSpec { session_uuid: uuid.into(), bridge_token: bridge.into(), hook_token: hook.into() };
+    let spec = SpawnSpec {
+        session_uuid: uuid.into(),
+        bridge_token: bridge.into(),
+        hook_token: hook.into(),
+    };
     Output::Spawn { proc, spec }
 }
 
 fn deliver(conn: u64, chat_id: &str, content: &str) -> Output {
-    Output::Bridge { conn, frame: ToChannel::Deliver { chat_id: chat_id.into(), content: content.into() } }
+    Output::Bridge {
+        conn,
+        frame: ToChannel::Deliver {
+            chat_id: chat_id.into(),
+            content: content.into(),
+        },
+    }
 }
 
 #[test]
 fn json_turn_from_spawn_to_answer() {
     let mut s = Script::new(settings());
-    assert_eq!(s.input(chat(10, "sess-a", "hello there", false)), vec![spawn_of(1, UUID1, "t3", "t4")]);
-    assert_eq!(s.start_process(1, 4242, 100, "t3"), vec![deliver(100, "chat-1", "hello there")]);
-    assert!(s.input(reply(100, "chat-1", "echo: hello there")).is_empty(), "non-streamed: nothing until the end");
+    assert_eq!(
+        s.input(chat(10, "sess-a", "hello there", false)),
+        vec![spawn_of(1, UUID1, "t3", "t4")]
+    );
+    assert_eq!(
+        s.start_process(1, 4242, 100, "t3"),
+        vec![deliver(100, "chat-1", "hello there")]
+    );
+    assert!(
+        s.input(reply(100, "chat-1", "echo: hello there"))
+            .is_empty(),
+        "non-streamed: nothing until the end"
+    );
     let out = s.input(stop_hook(20, "t4", Some("ignored, there was a reply")));
     assert_eq!(out.len(), 2);
     assert_eq!(out[0], hook_ok(20));
@@ -51,7 +71,10 @@ fn sse_turn_streams_role_first_then_replies_then_stop_usage_done() {
     let role = stream_events(&out, 10);
     assert_eq!(role.len(), 1);
     let role: serde_json::Value = serde_json::from_str(&role[0]).unwrap();
-    assert_eq!(role["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    assert_eq!(
+        role["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
     assert_eq!(role["object"], "chat.completion.chunk");
 
     s.start_process(1, 7, 100, "t3");
@@ -60,11 +83,22 @@ fn sse_turn_streams_role_first_then_replies_then_stop_usage_done() {
     let end = s.input(stop_hook(20, "t4", None));
     assert_eq!(end[0], hook_ok(20));
     assert_eq!(end.last(), Some(&Output::StreamEnd { conn: 10 }));
-    let events: Vec<String> = [a, b, end].iter().flat_map(|o| stream_events(o, 10)).collect();
-    let parsed: Vec<serde_json::Value> =
-        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
-    assert_eq!(parsed[0]["choices"][0]["delta"], json!({"content": "part one"}));
-    assert_eq!(parsed[1]["choices"][0]["delta"], json!({"content": "\n\npart two"}));
+    let events: Vec<String> = [a, b, end]
+        .iter()
+        .flat_map(|o| stream_events(o, 10))
+        .collect();
+    let parsed: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(
+        parsed[0]["choices"][0]["delta"],
+        json!({"content": "part one"})
+    );
+    assert_eq!(
+        parsed[1]["choices"][0]["delta"],
+        json!({"content": "\n\npart two"})
+    );
     assert_eq!(parsed[2]["choices"][0]["finish_reason"], "stop");
     assert_eq!(parsed[3]["choices"], json!([]));
     assert_eq!(parsed[3]["usage"]["total_tokens"], 0);
@@ -77,7 +111,10 @@ fn without_reply_the_last_assistant_message_is_the_answer_and_empty_is_still_an_
     s.input(chat(10, "a", "one", false));
     s.start_process(1, 7, 100, "t3");
     let out = s.input(stop_hook(20, "t4", Some("plain text")));
-    assert_eq!(response(&out[1]).2["choices"][0]["message"]["content"], "plain text");
+    assert_eq!(
+        response(&out[1]).2["choices"][0]["message"]["content"],
+        "plain text"
+    );
     let delivered = s.input(chat(11, "a", "two", false));
     assert_eq!(delivered, vec![deliver(100, "chat-2", "two")]);
     let out = s.input(stop_hook(20, "t4", None));
@@ -87,15 +124,27 @@ fn without_reply_the_last_assistant_message_is_the_answer_and_empty_is_still_an_
 #[test]
 fn two_sessions_get_two_processes_and_a_second_turn_reuses_its_process() {
     let mut s = Script::new(settings());
-    assert_eq!(s.input(chat(10, "a", "first a", false)), vec![spawn_of(1, UUID1, "t3", "t4")]);
+    assert_eq!(
+        s.input(chat(10, "a", "first a", false)),
+        vec![spawn_of(1, UUID1, "t3", "t4")]
+    );
     let uuid5 = "00000000-0000-4000-8000-000000000005";
-    assert_eq!(s.input(chat(11, "b", "first b", false)), vec![spawn_of(2, uuid5, "t7", "t8")]);
+    assert_eq!(
+        s.input(chat(11, "b", "first b", false)),
+        vec![spawn_of(2, uuid5, "t7", "t8")]
+    );
     s.start_process(1, 7, 100, "t3");
-    assert_eq!(s.start_process(2, 8, 101, "t7"), vec![deliver(101, "chat-1", "first b")]);
+    assert_eq!(
+        s.start_process(2, 8, 101, "t7"),
+        vec![deliver(101, "chat-1", "first b")]
+    );
     s.input(stop_hook(20, "t8", Some("b answered")));
     s.input(stop_hook(21, "t4", Some("a answered")));
     // Turn two of session a: no spawn, straight to its bridge.
-    assert_eq!(s.input(chat(12, "a", "second a", false)), vec![deliver(100, "chat-2", "second a")]);
+    assert_eq!(
+        s.input(chat(12, "a", "second a", false)),
+        vec![deliver(100, "chat-2", "second a")]
+    );
 }
 
 #[test]
@@ -109,8 +158,14 @@ fn only_the_messages_after_the_last_assistant_message_are_delivered() {
         {"role": "user", "content": [{"type": "text", "text": "context part"}]},
     ]});
     let headers = [("authorization", "Bearer key"), ("x-session-affinity", "a")];
-    s.input(http(10, request("POST", "/v1/chat/completions", &headers, &body.to_string())));
-    assert_eq!(s.start_process(1, 7, 100, "t3"), vec![deliver(100, "chat-1", "new question\n\ncontext part")]);
+    s.input(http(
+        10,
+        request("POST", "/v1/chat/completions", &headers, &body.to_string()),
+    ));
+    assert_eq!(
+        s.start_process(1, 7, 100, "t3"),
+        vec![deliver(100, "chat-1", "new question\n\ncontext part")]
+    );
 }
 
 #[test]
@@ -118,16 +173,26 @@ fn turns_of_one_session_are_delivered_one_at_a_time_in_order() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "one", false));
     s.start_process(1, 7, 100, "t3");
-    assert!(s.input(chat(11, "a", "two", false)).is_empty(), "waits for turn one");
+    assert!(
+        s.input(chat(11, "a", "two", false)).is_empty(),
+        "waits for turn one"
+    );
     s.input(reply(100, "chat-1", "r1"));
     let out = s.input(stop_hook(20, "t4", None));
     assert_eq!(out[0], hook_ok(20));
     assert_eq!(response(&out[1]).0, 10);
-    assert_eq!(out[2], deliver(100, "chat-2", "two"), "turn two only after turn one ended");
+    assert_eq!(
+        out[2],
+        deliver(100, "chat-2", "two"),
+        "turn two only after turn one ended"
+    );
     s.input(reply(100, "chat-2", "r2"));
     let out = s.input(stop_hook(20, "t4", None));
     let (conn, _, body) = response(&out[1]);
-    assert_eq!((conn, body["choices"][0]["message"]["content"].as_str()), (11, Some("r2")));
+    assert_eq!(
+        (conn, body["choices"][0]["message"]["content"].as_str()),
+        (11, Some("r2"))
+    );
 }
 
 #[test]
@@ -139,7 +204,9 @@ fn a_full_session_queue_answers_429_with_retry_after() {
     match &out[..] {
         [Output::Respond { conn: 12, response }] => {
             assert_eq!(response.status, 429);
-            assert!(response.headers.contains(&("retry-after".into(), "5".into())));
+            assert!(response
+                .headers
+                .contains(&("retry-after".into(), "5".into())));
         }
         other => panic!("{other:?}"),
     }
@@ -150,20 +217,43 @@ fn ready_timeout_kills_the_group_and_fails_with_the_terminal_tail() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", true));
     s.input(Input::Spawned { proc: 1, pid: 99 });
-    s.input(Input::Terminal { proc: 1, text: "\x1b[1mLoading something\x1b[0m\r\nstill loading\r\n".into() });
+    s.input(Input::Terminal {
+        proc: 1,
+        text: "\x1b[1mLoading something\x1b[0m\r\nstill loading\r\n".into(),
+    });
     assert!(s.advance(Duration::from_millis(14_999)).is_empty());
     let out = s.advance(Duration::from_millis(1));
-    assert_eq!(out[0], Output::Signal { proc: 1, signal: Signal::Term });
+    assert_eq!(
+        out[0],
+        Output::Signal {
+            proc: 1,
+            signal: Signal::Term
+        }
+    );
     let events = stream_events(&out, 10);
     let err: serde_json::Value = serde_json::from_str(&events[0]).unwrap();
     let msg = err["error"]["message"].as_str().unwrap();
     assert!(msg.contains("within 15 s (ready_timeout)"), "{msg}");
-    assert!(msg.contains("Loading something\nstill loading"), "tail, ANSI stripped: {msg}");
+    assert!(
+        msg.contains("Loading something\nstill loading"),
+        "tail, ANSI stripped: {msg}"
+    );
     assert_eq!(events[1], "[DONE]");
     assert_eq!(out.last(), Some(&Output::StreamEnd { conn: 10 }));
     // SIGTERM ignored: SIGKILL after the grace; reaping it answers nobody twice.
-    assert_eq!(s.advance(Duration::from_secs(5)), vec![Output::Signal { proc: 1, signal: Signal::Kill }]);
-    assert!(s.input(Input::Exited { proc: 1, status: "signal 9".into() }).is_empty());
+    assert_eq!(
+        s.advance(Duration::from_secs(5)),
+        vec![Output::Signal {
+            proc: 1,
+            signal: Signal::Kill
+        }]
+    );
+    assert!(s
+        .input(Input::Exited {
+            proc: 1,
+            status: "signal 9".into()
+        })
+        .is_empty());
 }
 
 #[test]
@@ -171,13 +261,22 @@ fn claude_exiting_mid_turn_answers_502_with_the_tail() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "crash", false));
     s.start_process(1, 7, 100, "t3");
-    s.input(Input::Terminal { proc: 1, text: "thinking...\r\n".into() });
-    let out = s.input(Input::Exited { proc: 1, status: "exit status 3".into() });
+    s.input(Input::Terminal {
+        proc: 1,
+        text: "thinking...\r\n".into(),
+    });
+    let out = s.input(Input::Exited {
+        proc: 1,
+        status: "exit status 3".into(),
+    });
     assert_eq!(out[0], Output::CloseBridge { conn: 100 });
     let (conn, status, body) = response(&out[1]);
     assert_eq!((conn, status), (10, 502));
     let msg = body["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("claude (pid 7) exited (exit status 3) during the turn"), "{msg}");
+    assert!(
+        msg.contains("claude (pid 7) exited (exit status 3) during the turn"),
+        "{msg}"
+    );
     assert!(msg.contains("thinking..."), "{msg}");
     assert_eq!(body["error"]["code"], "claude_exited");
 }
@@ -188,10 +287,20 @@ fn crash_mid_turn_with_a_queued_request_respawns_the_same_claude_session() {
     s.input(chat(10, "a", "crash", false));
     s.start_process(1, 7, 100, "t3");
     s.input(chat(11, "a", "after", false));
-    let out = s.input(Input::Exited { proc: 1, status: "exit status 3".into() });
+    let out = s.input(Input::Exited {
+        proc: 1,
+        status: "exit status 3".into(),
+    });
     assert_eq!(response(&out[1]).1, 502);
-    assert_eq!(out[2], spawn_of(2, UUID1, "t6", "t7"), "same claude session uuid: resumed");
-    assert_eq!(s.start_process(2, 8, 101, "t6"), vec![deliver(101, "chat-2", "after")]);
+    assert_eq!(
+        out[2],
+        spawn_of(2, UUID1, "t6", "t7"),
+        "same claude session uuid: resumed"
+    );
+    assert_eq!(
+        s.start_process(2, 8, 101, "t6"),
+        vec![deliver(101, "chat-2", "after")]
+    );
 }
 
 #[test]
@@ -199,22 +308,37 @@ fn a_process_dying_before_ready_fails_the_queue_without_respawning() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", false));
     s.input(Input::Spawned { proc: 1, pid: 7 });
-    s.input(Input::Terminal { proc: 1, text: "No conversation found with session ID x\r\n".into() });
-    let out = s.input(Input::Exited { proc: 1, status: "exit status 1".into() });
+    s.input(Input::Terminal {
+        proc: 1,
+        text: "No conversation found with session ID x\r\n".into(),
+    });
+    let out = s.input(Input::Exited {
+        proc: 1,
+        status: "exit status 1".into(),
+    });
     assert_eq!(out.len(), 1);
     let (_, status, body) = response(&out[0]);
     assert_eq!(status, 502);
-    assert!(body["error"]["message"].as_str().unwrap().contains("No conversation found"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("No conversation found"));
 }
 
 #[test]
 fn spawn_failure_is_a_502_naming_the_setting() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", false));
-    let out = s.input(Input::SpawnFailed { proc: 1, error: "No such file or directory".into() });
+    let out = s.input(Input::SpawnFailed {
+        proc: 1,
+        error: "No such file or directory".into(),
+    });
     let (_, status, body) = response(&out[0]);
     assert_eq!(status, 502);
-    assert!(body["error"]["message"].as_str().unwrap().contains("claude_command"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("claude_command"));
 }
 
 #[test]
@@ -226,7 +350,13 @@ fn workspace_trust_screen_fails_fast_with_what_to_do() {
         proc: 1,
         text: "Quick safety check: Is this a project you created or one you trust?\r\n ❯ 1. Yes, I trust this folder\r\n".into(),
     });
-    assert_eq!(out[0], Output::Signal { proc: 1, signal: Signal::Term });
+    assert_eq!(
+        out[0],
+        Output::Signal {
+            proc: 1,
+            signal: Signal::Term
+        }
+    );
     let (_, status, body) = response(&out[1]);
     assert_eq!(status, 502);
     assert_eq!(body["error"]["code"], "workspace_not_trusted");
@@ -239,11 +369,24 @@ fn turn_timeout_interrupts_with_one_esc_and_answers_504_then_serves_the_next() {
     s.start_process(1, 7, 100, "t3");
     s.input(chat(11, "a", "next", false));
     let out = s.advance(Duration::from_secs(300));
-    assert_eq!(out[0], Output::WriteTerminal { proc: 1, data: "\x1b".into() });
+    assert_eq!(
+        out[0],
+        Output::WriteTerminal {
+            proc: 1,
+            data: "\x1b".into()
+        }
+    );
     let (conn, status, _) = response(&out[1]);
     assert_eq!((conn, status), (10, 504));
-    assert_eq!(out.len(), 2, "the next turn waits for the interrupt to settle");
-    assert_eq!(s.advance(Duration::from_millis(500)), vec![deliver(100, "chat-2", "next")]);
+    assert_eq!(
+        out.len(),
+        2,
+        "the next turn waits for the interrupt to settle"
+    );
+    assert_eq!(
+        s.advance(Duration::from_millis(500)),
+        vec![deliver(100, "chat-2", "next")]
+    );
 }
 
 #[test]
@@ -253,8 +396,17 @@ fn client_disconnect_mid_turn_interrupts_and_moves_on() {
     s.start_process(1, 7, 100, "t3");
     s.input(chat(11, "a", "queued, then gone", false));
     s.input(chat(12, "a", "next", false));
-    assert!(s.input(Input::ConnClosed { conn: 11 }).is_empty(), "a queued turn just leaves");
-    assert_eq!(s.input(Input::ConnClosed { conn: 10 }), vec![Output::WriteTerminal { proc: 1, data: "\x1b".into() }]);
+    assert!(
+        s.input(Input::ConnClosed { conn: 11 }).is_empty(),
+        "a queued turn just leaves"
+    );
+    assert_eq!(
+        s.input(Input::ConnClosed { conn: 10 }),
+        vec![Output::WriteTerminal {
+            proc: 1,
+            data: "\x1b".into()
+        }]
+    );
     // A late Stop for the interrupted turn frees the process at once and answers nobody.
     let out = s.input(stop_hook(20, "t4", Some("late")));
     assert_eq!(out, vec![hook_ok(20), deliver(100, "chat-3", "next")]);
@@ -273,10 +425,26 @@ fn idle_sweep_stops_idle_processes_and_spares_busy_ones() {
     // Sweeps at 60 s and 120 s: process 1 became idle at ~0.3 s, so not yet idle long enough.
     assert!(s.advance(Duration::from_secs(120) - s.elapsed()).is_empty());
     let out = s.advance(Duration::from_secs(60));
-    assert_eq!(out, vec![Output::Signal { proc: 1, signal: Signal::Term }], "busy process 2 spared");
-    assert_eq!(s.input(Input::Exited { proc: 1, status: "signal 15".into() }), vec![Output::CloseBridge { conn: 100 }]);
+    assert_eq!(
+        out,
+        vec![Output::Signal {
+            proc: 1,
+            signal: Signal::Term
+        }],
+        "busy process 2 spared"
+    );
+    assert_eq!(
+        s.input(Input::Exited {
+            proc: 1,
+            status: "signal 15".into()
+        }),
+        vec![Output::CloseBridge { conn: 100 }]
+    );
     // The session resumes its Claude session in a fresh process on its next turn.
-    assert_eq!(s.input(chat(12, "idle", "back", false)), vec![spawn_of(3, UUID1, "t10", "t11")]);
+    assert_eq!(
+        s.input(chat(12, "idle", "back", false)),
+        vec![spawn_of(3, UUID1, "t10", "t11")]
+    );
 }
 
 #[test]
@@ -292,9 +460,24 @@ fn a_full_pool_evicts_the_least_recently_used_idle_process() {
     s.start_process(2, 8, 101, "t7");
     s.input(stop_hook(20, "t8", None));
     // c needs a slot: a is the least recently used idle process.
-    assert_eq!(s.input(chat(12, "c", "x", false)), vec![Output::Signal { proc: 1, signal: Signal::Term }]);
-    let out = s.input(Input::Exited { proc: 1, status: "signal 15".into() });
-    assert_eq!(out, vec![Output::CloseBridge { conn: 100 }, spawn_of(3, "00000000-0000-4000-8000-000000000009", "t11", "t12")]);
+    assert_eq!(
+        s.input(chat(12, "c", "x", false)),
+        vec![Output::Signal {
+            proc: 1,
+            signal: Signal::Term
+        }]
+    );
+    let out = s.input(Input::Exited {
+        proc: 1,
+        status: "signal 15".into(),
+    });
+    assert_eq!(
+        out,
+        vec![
+            Output::CloseBridge { conn: 100 },
+            spawn_of(3, "00000000-0000-4000-8000-000000000009", "t11", "t12")
+        ]
+    );
 }
 
 #[test]
@@ -309,7 +492,9 @@ fn a_full_pool_of_busy_processes_answers_503_and_evicts_nobody() {
     assert_eq!((conn, status, out.len()), (11, 503, 1));
     assert_eq!(body["error"]["code"], "pool_busy");
     match &out[0] {
-        Output::Respond { response, .. } => assert!(response.headers.contains(&("retry-after".into(), "5".into()))),
+        Output::Respond { response, .. } => assert!(response
+            .headers
+            .contains(&("retry-after".into(), "5".into()))),
         _ => unreachable!(),
     }
 }
@@ -322,12 +507,28 @@ fn shutdown_lets_the_turn_in_flight_finish_then_stops_everything_and_exits() {
     s.input(chat(11, "a", "queued", false));
     let out = s.input(Input::Shutdown);
     let (conn, status, _) = response(&out[0]);
-    assert_eq!((conn, status, out.len()), (11, 503, 1), "queued turn refused, in-flight one continues");
+    assert_eq!(
+        (conn, status, out.len()),
+        (11, 503, 1),
+        "queued turn refused, in-flight one continues"
+    );
     assert_eq!(response(&s.input(chat(12, "b", "new", false))[0]).1, 503);
     let out = s.input(stop_hook(20, "t4", Some("done")));
     assert_eq!(response(&out[1]).1, 200);
-    assert_eq!(out[2], Output::Signal { proc: 1, signal: Signal::Term });
-    assert_eq!(s.input(Input::Exited { proc: 1, status: "signal 15".into() }), vec![Output::CloseBridge { conn: 100 }, Output::Exit]);
+    assert_eq!(
+        out[2],
+        Output::Signal {
+            proc: 1,
+            signal: Signal::Term
+        }
+    );
+    assert_eq!(
+        s.input(Input::Exited {
+            proc: 1,
+            status: "signal 15".into()
+        }),
+        vec![Output::CloseBridge { conn: 100 }, Output::Exit]
+    );
 }
 
 #[test]
@@ -336,11 +537,23 @@ fn shutdown_grace_ends_a_turn_that_does_not_finish() {
     s.input(chat(10, "a", "sleep", false));
     s.start_process(1, 7, 100, "t3");
     assert!(s.input(Input::Shutdown).is_empty());
-    assert_eq!(s.advance(Duration::from_secs(10)), vec![Output::Signal { proc: 1, signal: Signal::Term }]);
-    let out = s.input(Input::Exited { proc: 1, status: "signal 15".into() });
+    assert_eq!(
+        s.advance(Duration::from_secs(10)),
+        vec![Output::Signal {
+            proc: 1,
+            signal: Signal::Term
+        }]
+    );
+    let out = s.input(Input::Exited {
+        proc: 1,
+        status: "signal 15".into(),
+    });
     let (_, status, body) = response(&out[1]);
     assert_eq!(status, 502);
-    assert!(body["error"]["message"].as_str().unwrap().contains("shutting down"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("shutting down"));
     assert_eq!(out.last(), Some(&Output::Exit));
 }
 
@@ -355,9 +568,20 @@ fn a_hello_with_a_wrong_token_is_closed_and_binds_nothing() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", false));
     s.input(Input::Spawned { proc: 1, pid: 7 });
-    assert_eq!(s.input(hello(100, "t4")), vec![Output::CloseBridge { conn: 100 }], "hook token is not a bridge token");
-    assert_eq!(s.input(hello(101, "t3")), vec![deliver(101, "chat-1", "hi")]);
-    assert_eq!(s.input(hello(102, "t3")), vec![Output::CloseBridge { conn: 102 }], "one-time token");
+    assert_eq!(
+        s.input(hello(100, "t4")),
+        vec![Output::CloseBridge { conn: 100 }],
+        "hook token is not a bridge token"
+    );
+    assert_eq!(
+        s.input(hello(101, "t3")),
+        vec![deliver(101, "chat-1", "hi")]
+    );
+    assert_eq!(
+        s.input(hello(102, "t3")),
+        vec![Output::CloseBridge { conn: 102 }],
+        "one-time token"
+    );
 }
 
 #[test]
@@ -365,9 +589,21 @@ fn a_closed_bridge_kills_claude_and_the_turn_fails_with_the_reason() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", false));
     s.start_process(1, 7, 100, "t3");
-    assert_eq!(s.input(Input::BridgeClosed { conn: 100 }), vec![Output::Signal { proc: 1, signal: Signal::Term }]);
-    let out = s.input(Input::Exited { proc: 1, status: "signal 15".into() });
-    let msg = response(&out[0]).2["error"]["message"].as_str().unwrap().to_string();
+    assert_eq!(
+        s.input(Input::BridgeClosed { conn: 100 }),
+        vec![Output::Signal {
+            proc: 1,
+            signal: Signal::Term
+        }]
+    );
+    let out = s.input(Input::Exited {
+        proc: 1,
+        status: "signal 15".into(),
+    });
+    let msg = response(&out[0]).2["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("channel disconnected"), "{msg}");
 }
 
@@ -377,11 +613,22 @@ fn stop_failure_hook_is_an_error_response() {
     s.input(chat(10, "a", "hi", false));
     s.start_process(1, 7, 100, "t3");
     let body = json!({"hook_event_name": "StopFailure", "error": "overloaded_error"}).to_string();
-    let out = s.input(http(20, request("POST", "/hooks/stop-failure", &[("authorization", "Bearer t4")], &body)));
+    let out = s.input(http(
+        20,
+        request(
+            "POST",
+            "/hooks/stop-failure",
+            &[("authorization", "Bearer t4")],
+            &body,
+        ),
+    ));
     assert_eq!(out[0], hook_ok(20));
     let (_, status, body) = response(&out[1]);
     assert_eq!(status, 502);
-    assert!(body["error"]["message"].as_str().unwrap().contains("overloaded_error"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("overloaded_error"));
 }
 
 #[test]
@@ -399,29 +646,109 @@ fn bad_requests_get_openai_errors_and_change_nothing() {
     let mut s = Script::new(settings());
     let body = json!({"messages": [{"role": "user", "content": "x"}]}).to_string();
     let cases: Vec<(Input, u16, &str)> = vec![
-        (http(1, request("POST", "/v1/chat/completions", &[("x-session-affinity", "a")], &body)), 401, "missing_api_key"),
-        (http(1, request("POST", "/v1/chat/completions", &[("authorization", "Bearer nope")], &body)), 401, "invalid_api_key"),
-        (http(1, request("POST", "/v1/chat/completions", &[("authorization", "Bearer key")], "{not json")), 400, "invalid_request"),
-        (http(1, request("POST", "/v1/chat/completions", &[("authorization", "Bearer key")], "{}")), 400, "invalid_request"),
-        (http(1, request("POST", "/v1/chat/completions", &[("authorization", "Bearer key")], &body)), 400, "missing_session_key"),
-        (http(1, request("GET", "/v1/nothing", &[], "")), 404, "not_found"),
-        (http(1, request("GET", "/v1/chat/completions", &[], "")), 405, "method_not_allowed"),
+        (
+            http(
+                1,
+                request(
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("x-session-affinity", "a")],
+                    &body,
+                ),
+            ),
+            401,
+            "missing_api_key",
+        ),
+        (
+            http(
+                1,
+                request(
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("authorization", "Bearer nope")],
+                    &body,
+                ),
+            ),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            http(
+                1,
+                request(
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("authorization", "Bearer key")],
+                    "{not json",
+                ),
+            ),
+            400,
+            "invalid_request",
+        ),
+        (
+            http(
+                1,
+                request(
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("authorization", "Bearer key")],
+                    "{}",
+                ),
+            ),
+            400,
+            "invalid_request",
+        ),
+        (
+            http(
+                1,
+                request(
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("authorization", "Bearer key")],
+                    &body,
+                ),
+            ),
+            400,
+            "missing_session_key",
+        ),
+        (
+            http(1, request("GET", "/v1/nothing", &[], "")),
+            404,
+            "not_found",
+        ),
+        (
+            http(1, request("GET", "/v1/chat/completions", &[], "")),
+            405,
+            "method_not_allowed",
+        ),
     ];
     for (input, status, code) in cases {
         let out = s.input(input);
         let (_, got, body) = response(&out[0]);
-        assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "{body}");
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
         assert!(body["error"]["type"].is_string());
     }
     // Nothing was spawned by any of them, and a good request still works.
-    assert_eq!(s.input(chat(2, "a", "fine", false)), vec![spawn_of(1, UUID1, "t3", "t4")]);
+    assert_eq!(
+        s.input(chat(2, "a", "fine", false)),
+        vec![spawn_of(1, UUID1, "t3", "t4")]
+    );
 }
 
 #[test]
 fn models_and_healthz() {
     let mut s = Script::new(settings());
-    let out = s.input(http(1, request("GET", "/v1/models", &[("authorization", "Bearer key")], "")));
+    let out = s.input(http(
+        1,
+        request("GET", "/v1/models", &[("authorization", "Bearer key")], ""),
+    ));
     assert_eq!(response(&out[0]).2["data"][0]["id"], "claude-code");
     let out = s.input(http(1, request("GET", "/healthz", &[], "")));
     assert_eq!(response(&out[0]).1, 200);

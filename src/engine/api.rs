@@ -16,7 +16,10 @@ impl Engine {
     pub(super) fn on_http(&mut self, now: Instant, conn: ConnId, req: Request, unix_secs: u64) {
         let path = req.path.split('?').next().unwrap_or("");
         let result = match (req.method.as_str(), path) {
-            ("GET", "/healthz") => Ok(Some(Response::json(200, json!({"status": "ok"}).to_string()))),
+            ("GET", "/healthz") => Ok(Some(Response::json(
+                200,
+                json!({"status": "ok"}).to_string(),
+            ))),
             ("GET", "/v1/models") => self.authorize(&req).map(|()| Some(self.models())),
             ("POST", "/v1/chat/completions") => self
                 .authorize(&req)
@@ -24,24 +27,46 @@ impl Engine {
                 .map(|()| None),
             ("POST", HOOK_STOP) => self.hook(now, conn, &req, false).map(|()| None),
             ("POST", HOOK_STOP_FAILURE) => self.hook(now, conn, &req, true).map(|()| None),
-            (_, "/healthz" | "/v1/models" | "/v1/chat/completions" | HOOK_STOP | HOOK_STOP_FAILURE) => {
-                Err(ApiError::new(405, "method_not_allowed", format!("{} is not allowed on {path}", req.method)))
-            }
-            _ => Err(ApiError::new(404, "not_found", format!("no such endpoint: {} {path}", req.method))),
+            (
+                _,
+                "/healthz" | "/v1/models" | "/v1/chat/completions" | HOOK_STOP | HOOK_STOP_FAILURE,
+            ) => Err(ApiError::new(
+                405,
+                "method_not_allowed",
+                format!("{} is not allowed on {path}", req.method),
+            )),
+            _ => Err(ApiError::new(
+                404,
+                "not_found",
+                format!("no such endpoint: {} {path}", req.method),
+            )),
         };
         match result {
             Ok(Some(response)) => self.push(Output::Respond { conn, response }),
             Ok(None) => {}
-            Err(e) => self.push(Output::Respond { conn, response: error_response(&e) }),
+            Err(e) => self.push(Output::Respond {
+                conn,
+                response: error_response(&e),
+            }),
         }
     }
 
     fn authorize(&self, req: &Request) -> Result<(), ApiError> {
-        let Some(key) = &self.settings.api_key else { return Ok(()) };
+        let Some(key) = &self.settings.api_key else {
+            return Ok(());
+        };
         match req.bearer() {
             Some(token) if constant_time_eq(token.as_bytes(), key.as_bytes()) => Ok(()),
-            Some(_) => Err(ApiError::new(401, "invalid_api_key", "wrong API key: send the api_key of synthesis.conf as the bearer token")),
-            None => Err(ApiError::new(401, "missing_api_key", "missing `Authorization: Bearer <api_key>` header")),
+            Some(_) => Err(ApiError::new(
+                401,
+                "invalid_api_key",
+                "wrong API key: send the api_key of synthesis.conf as the bearer token",
+            )),
+            None => Err(ApiError::new(
+                401,
+                "missing_api_key",
+                "missing `Authorization: Bearer <api_key>` header",
+            )),
         }
     }
 
@@ -51,28 +76,51 @@ impl Engine {
     }
 
     /// Admit a chat-completions request as a turn of its session; the answer comes later.
-    fn chat(&mut self, now: Instant, conn: ConnId, req: &Request, unix_secs: u64) -> Result<(), ApiError> {
+    fn chat(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        req: &Request,
+        unix_secs: u64,
+    ) -> Result<(), ApiError> {
         if self.shutting_down() {
-            return Err(ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5));
+            return Err(ApiError::new(
+                503,
+                "shutting_down",
+                "synthesis is shutting down; retry shortly",
+            )
+            .retry_after(5));
         }
         let body: ChatRequest = serde_json::from_str(&req.body).map_err(|e| {
-            let what = if e.is_data() { "is not a chat completions request" } else { "is not valid JSON" };
+            let what = if e.is_data() {
+                "is not a chat completions request"
+            } else {
+                "is not valid JSON"
+            };
             ApiError::new(400, "invalid_request", format!("request body {what}: {e}"))
         })?;
         let key = session_key(req, &body)?;
         let content = body.new_user_text();
         if content.is_empty() {
-            return Err(ApiError::new(400, "no_user_message", "no user message with text after the last assistant message"));
+            return Err(ApiError::new(
+                400,
+                "no_user_message",
+                "no user message with text after the last assistant message",
+            ));
         }
         if !self.sessions.contains_key(&key) {
             let uuid = self.ids.uuid();
             log::info!("session {key}: new, claude session {uuid}");
-            self.sessions.insert(key.clone(), Session::new(key.clone(), uuid));
+            self.sessions
+                .insert(key.clone(), Session::new(key.clone(), uuid));
         }
         let completion = Completion {
             id: format!("chatcmpl-{}", self.ids.token()),
             created: unix_secs,
-            model: body.model.clone().unwrap_or_else(|| self.settings.model.clone()),
+            model: body
+                .model
+                .clone()
+                .unwrap_or_else(|| self.settings.model.clone()),
         };
         let turn = Turn {
             conn,
@@ -89,14 +137,28 @@ impl Engine {
 
     /// Stop / StopFailure from claude's HTTP hooks: answered at once (the hook blocks claude),
     /// then the turn in flight ends.
-    fn hook(&mut self, now: Instant, conn: ConnId, req: &Request, failure: bool) -> Result<(), ApiError> {
+    fn hook(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        req: &Request,
+        failure: bool,
+    ) -> Result<(), ApiError> {
         let id = req
             .bearer()
             .and_then(|t| self.process_by_hook_token(t))
             .ok_or_else(|| ApiError::new(401, "invalid_hook_token", "hook token unknown"))?;
-        let body: Value = serde_json::from_str(&req.body)
-            .map_err(|e| ApiError::new(400, "invalid_request", format!("hook body is not valid JSON: {e}")))?;
-        self.push(Output::Respond { conn, response: Response::json(200, "{}".into()) });
+        let body: Value = serde_json::from_str(&req.body).map_err(|e| {
+            ApiError::new(
+                400,
+                "invalid_request",
+                format!("hook body is not valid JSON: {e}"),
+            )
+        })?;
+        self.push(Output::Respond {
+            conn,
+            response: Response::json(200, "{}".into()),
+        });
         let p = self.procs.get_mut(&id).expect("process of hook token");
         let key = p.session.clone();
         if p.settle_until.take().is_some() {
@@ -109,7 +171,12 @@ impl Engine {
             log::info!("session {key}: Stop hook with no turn in flight");
             return Ok(());
         };
-        let text_of = |field: &str| body.get(field).and_then(Value::as_str).unwrap_or("").to_string();
+        let text_of = |field: &str| {
+            body.get(field)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
         let answer = if failure {
             let msg = format!("Claude's model API call failed: {}", text_of("error"));
             Answer::Error(ApiError::new(502, "claude_api_error", msg))
@@ -134,8 +201,12 @@ impl Engine {
 /// compat flags `sendSessionAffinityHeaders` / `supportsPromptCacheKey`; other clients may send `user`.
 /// Without any of them the request is refused: guessing could mix two conversations.
 pub fn session_key(req: &Request, body: &ChatRequest) -> Result<String, ApiError> {
-    let headers = ["x-session-affinity", "session_id"].into_iter().filter_map(|h| req.header(h));
-    let fields = [&body.prompt_cache_key, &body.user].into_iter().filter_map(|f| f.as_deref());
+    let headers = ["x-session-affinity", "session_id"]
+        .into_iter()
+        .filter_map(|h| req.header(h));
+    let fields = [&body.prompt_cache_key, &body.user]
+        .into_iter()
+        .filter_map(|f| f.as_deref());
     headers
         .chain(fields)
         .map(str::trim)

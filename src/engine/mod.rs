@@ -6,9 +6,11 @@
 //! and every effect on the world is an `Output`.
 
 mod api;
+pub use api::{HOOK_STOP, HOOK_STOP_FAILURE};
 mod process;
 pub mod screen;
 mod session;
+pub use session::error_response;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -28,17 +30,40 @@ pub type ProcId = u64;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Input {
     /// A complete HTTP request (not a WebSocket upgrade) on a client connection.
-    Http { conn: ConnId, request: Request, unix_secs: u64 },
+    Http {
+        conn: ConnId,
+        request: Request,
+        unix_secs: u64,
+    },
     /// The client connection went away.
-    ConnClosed { conn: ConnId },
-    BridgeFrame { conn: ConnId, frame: FromChannel },
-    BridgeClosed { conn: ConnId },
-    Spawned { proc: ProcId, pid: u32 },
-    SpawnFailed { proc: ProcId, error: String },
+    ConnClosed {
+        conn: ConnId,
+    },
+    BridgeFrame {
+        conn: ConnId,
+        frame: FromChannel,
+    },
+    BridgeClosed {
+        conn: ConnId,
+    },
+    Spawned {
+        proc: ProcId,
+        pid: u32,
+    },
+    SpawnFailed {
+        proc: ProcId,
+        error: String,
+    },
     /// Output read from claude's terminal.
-    Terminal { proc: ProcId, text: String },
+    Terminal {
+        proc: ProcId,
+        text: String,
+    },
     /// The process (group leader) was reaped.
-    Exited { proc: ProcId, status: String },
+    Exited {
+        proc: ProcId,
+        status: String,
+    },
     /// SIGTERM or SIGINT.
     Shutdown,
     /// `poll_timeout()` has passed.
@@ -63,18 +88,42 @@ pub struct SpawnSpec {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Output {
-    Respond { conn: ConnId, response: Response },
+    Respond {
+        conn: ConnId,
+        response: Response,
+    },
     /// Send the head of a server-sent-events response.
-    StreamStart { conn: ConnId },
-    StreamData { conn: ConnId, data: String },
+    StreamStart {
+        conn: ConnId,
+    },
+    StreamData {
+        conn: ConnId,
+        data: String,
+    },
     /// The stream is complete; the connection may serve its next request.
-    StreamEnd { conn: ConnId },
-    Bridge { conn: ConnId, frame: ToChannel },
-    CloseBridge { conn: ConnId },
-    Spawn { proc: ProcId, spec: SpawnSpec },
-    WriteTerminal { proc: ProcId, data: String },
+    StreamEnd {
+        conn: ConnId,
+    },
+    Bridge {
+        conn: ConnId,
+        frame: ToChannel,
+    },
+    CloseBridge {
+        conn: ConnId,
+    },
+    Spawn {
+        proc: ProcId,
+        spec: SpawnSpec,
+    },
+    WriteTerminal {
+        proc: ProcId,
+        data: String,
+    },
     /// Signal the process group.
-    Signal { proc: ProcId, signal: Signal },
+    Signal {
+        proc: ProcId,
+        signal: Signal,
+    },
     /// Every process is gone after a shutdown: exit 0.
     Exit,
 }
@@ -183,7 +232,11 @@ impl Engine {
 
     pub fn handle(&mut self, now: Instant, input: Input) {
         match input {
-            Input::Http { conn, request, unix_secs } => self.on_http(now, conn, request, unix_secs),
+            Input::Http {
+                conn,
+                request,
+                unix_secs,
+            } => self.on_http(now, conn, request, unix_secs),
             Input::ConnClosed { conn } => self.on_conn_closed(now, conn),
             Input::BridgeFrame { conn, frame } => self.on_bridge_frame(now, conn, frame),
             Input::BridgeClosed { conn } => self.on_bridge_closed(now, conn),
@@ -229,7 +282,11 @@ impl Engine {
         if self.shutdown != Shutdown::Running {
             return;
         }
-        log::info!("shutting down: {} sessions, {} processes", self.sessions.len(), self.procs.len());
+        log::info!(
+            "shutting down: {} sessions, {} processes",
+            self.sessions.len(),
+            self.procs.len()
+        );
         self.shutdown = Shutdown::Draining(now + self.settings.shutdown_grace);
         self.fail_all_queued();
         self.maybe_finish_shutdown(now);
@@ -237,7 +294,9 @@ impl Engine {
 
     /// While draining, once no turn is in flight, stop every process.
     fn maybe_finish_shutdown(&mut self, now: Instant) {
-        if matches!(self.shutdown, Shutdown::Draining(_)) && self.sessions.values().all(|s| s.current.is_none()) {
+        if matches!(self.shutdown, Shutdown::Draining(_))
+            && self.sessions.values().all(|s| s.current.is_none())
+        {
             self.stop_everything(now);
         }
     }

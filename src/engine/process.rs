@@ -48,7 +48,11 @@ pub struct Process {
 impl Process {
     pub fn deadline(&self) -> Option<Instant> {
         match self.state {
-            ProcState::Starting => self.confirm_at.into_iter().chain([self.ready_deadline]).min(),
+            ProcState::Starting => self
+                .confirm_at
+                .into_iter()
+                .chain([self.ready_deadline])
+                .min(),
             ProcState::Ready => self.settle_until,
             ProcState::Stopping => self.kill_at,
         }
@@ -89,10 +93,16 @@ impl Engine {
         if let Some(victim) = self.least_recently_used_idle() {
             self.stop_process(now, victim, "evicted to make room for another session");
         } else {
-            let stopping = self.procs.values().filter(|p| p.state == ProcState::Stopping).count();
+            let stopping = self
+                .procs
+                .values()
+                .filter(|p| p.state == ProcState::Stopping)
+                .count();
             if stopping <= self.slot_waiters.len() {
                 let max = self.settings.max_processes;
-                let msg = format!("all {max} claude processes (max_processes) are busy with turns; retry shortly");
+                let msg = format!(
+                    "all {max} claude processes (max_processes) are busy with turns; retry shortly"
+                );
                 return Err(ApiError::new(503, "pool_busy", msg).retry_after(5));
             }
         }
@@ -119,7 +129,10 @@ impl Engine {
             bridge_token: self.ids.token(),
             hook_token: self.ids.token(),
         };
-        log::info!("session {key}: spawning process {id} for claude session {}", spec.session_uuid);
+        log::info!(
+            "session {key}: spawning process {id} for claude session {}",
+            spec.session_uuid
+        );
         let proc = Process {
             session: key.to_string(),
             pid: None,
@@ -145,8 +158,12 @@ impl Engine {
     /// Spawn waiting sessions while there is room in the pool.
     fn serve_slot_waiters(&mut self, now: Instant) {
         while self.procs.len() < self.settings.max_processes {
-            let Some(key) = self.slot_waiters.pop_front() else { return };
-            let Some(s) = self.sessions.get_mut(&key) else { continue };
+            let Some(key) = self.slot_waiters.pop_front() else {
+                return;
+            };
+            let Some(s) = self.sessions.get_mut(&key) else {
+                continue;
+            };
             s.wants_slot = false;
             if s.proc.is_none() && !s.queue.is_empty() {
                 self.spawn(now, &key);
@@ -162,7 +179,9 @@ impl Engine {
     }
 
     pub(super) fn on_spawn_failed(&mut self, now: Instant, id: ProcId, error: String) {
-        let Some(p) = self.procs.remove(&id) else { return };
+        let Some(p) = self.procs.remove(&id) else {
+            return;
+        };
         let msg = format!("cannot start claude: {error}; check claude_command in synthesis.conf");
         log::error!("session {}: {msg}", p.session);
         self.detach(&p);
@@ -172,7 +191,9 @@ impl Engine {
     }
 
     pub(super) fn on_terminal(&mut self, now: Instant, id: ProcId, text: &str) {
-        let Some(p) = self.procs.get_mut(&id) else { return };
+        let Some(p) = self.procs.get_mut(&id) else {
+            return;
+        };
         for prompt in p.screen.push(text) {
             match prompt {
                 Prompt::DevChannels if !p.dialog_seen && p.state == ProcState::Starting => {
@@ -211,12 +232,13 @@ impl Engine {
     }
 
     fn on_hello(&mut self, now: Instant, conn: ConnId, v: u32, token: &str) {
-        let found = self
-            .procs
-            .iter_mut()
-            .find(|(_, p)| p.bridge.is_none() && p.state == ProcState::Starting && p.bridge_token == token);
+        let found = self.procs.iter_mut().find(|(_, p)| {
+            p.bridge.is_none() && p.state == ProcState::Starting && p.bridge_token == token
+        });
         let Some((&id, p)) = found.filter(|_| v == bridge::VERSION) else {
-            log::warn!("bridge {conn}: hello with an unknown or used token or version {v}, closing");
+            log::warn!(
+                "bridge {conn}: hello with an unknown or used token or version {v}, closing"
+            );
             self.push(Output::CloseBridge { conn });
             return;
         };
@@ -233,7 +255,9 @@ impl Engine {
 
     /// A bound bridge closing means the channel is gone: claude is useless without it.
     pub(super) fn on_bridge_closed(&mut self, now: Instant, conn: ConnId) {
-        let Some(id) = self.bridges.remove(&conn) else { return };
+        let Some(id) = self.bridges.remove(&conn) else {
+            return;
+        };
         if let Some(p) = self.procs.get_mut(&id) {
             p.bridge = None;
             self.stop_process(now, id, "its channel disconnected from the bridge");
@@ -241,15 +265,28 @@ impl Engine {
     }
 
     pub(super) fn on_exited(&mut self, now: Instant, id: ProcId, status: &str) {
-        let Some(p) = self.procs.remove(&id) else { return };
+        let Some(p) = self.procs.remove(&id) else {
+            return;
+        };
         let alive = now.duration_since(p.started).as_millis();
-        log::info!("session {}: process {id} ({}) exited: {status} after {alive} ms", p.session, p.describe());
+        log::info!(
+            "session {}: process {id} ({}) exited: {status} after {alive} ms",
+            p.session,
+            p.describe()
+        );
         self.detach(&p);
         let key = p.session.clone();
-        let reason = p.stop_reason.clone().unwrap_or_else(|| format!("{} exited ({status})", p.describe()));
+        let reason = p
+            .stop_reason
+            .clone()
+            .unwrap_or_else(|| format!("{} exited ({status})", p.describe()));
         if self.sessions[&key].current.is_some() {
             let msg = format!("{reason} during the turn; {}", p.tail());
-            self.end_turn(now, &key, Answer::Error(ApiError::new(502, "claude_exited", msg)));
+            self.end_turn(
+                now,
+                &key,
+                Answer::Error(ApiError::new(502, "claude_exited", msg)),
+            );
         }
         let queued = !self.sessions[&key].queue.is_empty();
         if queued && p.state == ProcState::Starting {
@@ -289,15 +326,24 @@ impl Engine {
 
     /// SIGTERM to the process group, SIGKILL after `stop_grace`.
     pub(super) fn stop_process(&mut self, now: Instant, id: ProcId, reason: &str) {
-        let Some(p) = self.procs.get_mut(&id) else { return };
+        let Some(p) = self.procs.get_mut(&id) else {
+            return;
+        };
         if p.state == ProcState::Stopping {
             return;
         }
-        log::info!("session {}: stopping process {id} ({}): {reason}", p.session, p.describe());
+        log::info!(
+            "session {}: stopping process {id} ({}): {reason}",
+            p.session,
+            p.describe()
+        );
         p.state = ProcState::Stopping;
         p.stop_reason = Some(format!("{} was stopped: {reason}", p.describe()));
         p.kill_at = Some(now + self.settings.stop_grace);
-        self.push(Output::Signal { proc: id, signal: Signal::Term });
+        self.push(Output::Signal {
+            proc: id,
+            signal: Signal::Term,
+        });
     }
 
     /// Ready timeouts, dialog confirmations, settle ends and SIGKILLs that are due.
@@ -313,8 +359,14 @@ impl Engine {
             match p.state {
                 ProcState::Starting if p.confirm_at.is_some_and(|t| now >= t) => {
                     p.confirm_at = None;
-                    log::info!("session {}: confirming the development-channels dialog", p.session);
-                    self.push(Output::WriteTerminal { proc: id, data: "\r".into() });
+                    log::info!(
+                        "session {}: confirming the development-channels dialog",
+                        p.session
+                    );
+                    self.push(Output::WriteTerminal {
+                        proc: id,
+                        data: "\r".into(),
+                    });
                 }
                 ProcState::Starting => {
                     let secs = self.settings.ready_timeout.as_secs_f32();
@@ -333,8 +385,14 @@ impl Engine {
                 }
                 ProcState::Stopping => {
                     p.kill_at = None;
-                    log::warn!("session {}: process {id} ignored SIGTERM, killing", p.session);
-                    self.push(Output::Signal { proc: id, signal: Signal::Kill });
+                    log::warn!(
+                        "session {}: process {id} ignored SIGTERM, killing",
+                        p.session
+                    );
+                    self.push(Output::Signal {
+                        proc: id,
+                        signal: Signal::Kill,
+                    });
                 }
             }
         }
@@ -356,6 +414,9 @@ impl Engine {
 
     /// The process behind a hook token.
     pub(super) fn process_by_hook_token(&self, token: &str) -> Option<ProcId> {
-        self.procs.iter().find(|(_, p)| p.hook_token == token).map(|(id, _)| *id)
+        self.procs
+            .iter()
+            .find(|(_, p)| p.hook_token == token)
+            .map(|(id, _)| *id)
     }
 }

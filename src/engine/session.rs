@@ -68,13 +68,21 @@ pub enum Answer {
 
 impl Engine {
     /// Queue a turn for `key`, making sure a process is (or will be) there to take it.
-    pub(super) fn admit(&mut self, now: Instant, key: &str, mut turn: Turn) -> Result<(), ApiError> {
+    pub(super) fn admit(
+        &mut self,
+        now: Instant,
+        key: &str,
+        mut turn: Turn,
+    ) -> Result<(), ApiError> {
         let session = self.sessions.get_mut(key).expect("session exists");
         if session.queue.len() >= self.settings.queue_depth {
             return Err(ApiError::new(
                 429,
                 "session_queue_full",
-                format!("{} requests are already waiting for this session; retry later", session.queue.len()),
+                format!(
+                    "{} requests are already waiting for this session; retry later",
+                    session.queue.len()
+                ),
             )
             .retry_after(5));
         }
@@ -96,18 +104,31 @@ impl Engine {
 
     /// Deliver the next queued turn if the session's process is ready and free.
     pub(super) fn deliver_next(&mut self, now: Instant, key: &str) {
-        let Some(session) = self.sessions.get_mut(key) else { return };
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
         if session.current.is_some() || session.queue.is_empty() {
             return;
         }
         let Some(pid) = session.proc else { return };
-        let Some(bridge) = self.procs.get(&pid).and_then(|p| p.accepting_bridge(now)) else { return };
+        let Some(bridge) = self.procs.get(&pid).and_then(|p| p.accepting_bridge(now)) else {
+            return;
+        };
         let mut turn = session.queue.pop_front().expect("queue not empty");
         turn.deadline = Some(now + self.settings.turn_timeout);
-        let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
-        log::info!("session {key}: delivering {} to process {pid}", turn.chat_id);
+        let frame = ToChannel::Deliver {
+            chat_id: turn.chat_id.clone(),
+            content: turn.content.clone(),
+        };
+        log::info!(
+            "session {key}: delivering {} to process {pid}",
+            turn.chat_id
+        );
         session.current = Some(turn);
-        self.push(Output::Bridge { conn: bridge, frame });
+        self.push(Output::Bridge {
+            conn: bridge,
+            frame,
+        });
         if let Some(p) = self.procs.get_mut(&pid) {
             p.turns += 1;
         }
@@ -120,7 +141,10 @@ impl Engine {
             return;
         };
         if turn.chat_id != chat_id {
-            log::warn!("session {key}: reply names {chat_id}, turn is {}; attributed to the turn", turn.chat_id);
+            log::warn!(
+                "session {key}: reply names {chat_id}, turn is {}; attributed to the turn",
+                turn.chat_id
+            );
         }
         if turn.stream {
             let sep = if turn.replies.is_empty() { "" } else { "\n\n" };
@@ -135,7 +159,9 @@ impl Engine {
 
     /// End the turn in flight with `answer` and move on to the next one.
     pub(super) fn end_turn(&mut self, now: Instant, key: &str, answer: Answer) {
-        let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else { return };
+        let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else {
+            return;
+        };
         if let Some(pid) = self.sessions[key].proc {
             if let Some(p) = self.procs.get_mut(&pid) {
                 p.idle_since = now;
@@ -161,7 +187,10 @@ impl Engine {
             }
             (true, Answer::Error(e)) => {
                 log::warn!("{}: {} {}", c.id, e.status, e.message);
-                self.push(Output::StreamData { conn, data: openai::stream_error(&e) });
+                self.push(Output::StreamData {
+                    conn,
+                    data: openai::stream_error(&e),
+                });
                 self.push(Output::StreamEnd { conn });
             }
             (false, Answer::Text(text)) => {
@@ -170,7 +199,10 @@ impl Engine {
             }
             (false, Answer::Error(e)) => {
                 log::warn!("{}: {} {}", c.id, e.status, e.message);
-                self.push(Output::Respond { conn, response: error_response(&e) });
+                self.push(Output::Respond {
+                    conn,
+                    response: error_response(&e),
+                });
             }
         }
     }
@@ -187,7 +219,12 @@ impl Engine {
     }
 
     pub(super) fn fail_all_queued(&mut self) {
-        let err = ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5);
+        let err = ApiError::new(
+            503,
+            "shutting_down",
+            "synthesis is shutting down; retry shortly",
+        )
+        .retry_after(5);
         let keys: Vec<String> = self.sessions.keys().cloned().collect();
         for key in keys {
             self.fail_queued(&key, &err);
@@ -204,7 +241,11 @@ impl Engine {
             .collect();
         for key in expired {
             let secs = self.settings.turn_timeout.as_secs();
-            let err = ApiError::new(504, "turn_timeout", format!("Claude did not finish the turn within {secs} s; it was interrupted"));
+            let err = ApiError::new(
+                504,
+                "turn_timeout",
+                format!("Claude did not finish the turn within {secs} s; it was interrupted"),
+            );
             self.interrupt(now, &key, Some(err));
         }
     }
@@ -212,10 +253,15 @@ impl Engine {
     /// Abort the turn in flight with one ESC (no Stop hook follows), answer it with `err`
     /// (or nobody, when the client left), and let the process settle before the next turn.
     pub(super) fn interrupt(&mut self, now: Instant, key: &str, err: Option<ApiError>) {
-        let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else { return };
+        let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else {
+            return;
+        };
         log::info!("session {key}: interrupting {}", turn.chat_id);
         if let Some(pid) = self.sessions[key].proc {
-            self.push(Output::WriteTerminal { proc: pid, data: "\x1b".into() });
+            self.push(Output::WriteTerminal {
+                proc: pid,
+                data: "\x1b".into(),
+            });
             if let Some(p) = self.procs.get_mut(&pid) {
                 p.settle_until = Some(now + self.settings.settle);
                 p.idle_since = now;
@@ -232,8 +278,12 @@ impl Engine {
 
     /// The client of a turn went away: drop it if queued, interrupt it if in flight.
     pub(super) fn on_conn_closed(&mut self, now: Instant, conn: ConnId) {
-        let Some(key) = self.waiting.remove(&conn) else { return };
-        let Some(session) = self.sessions.get_mut(&key) else { return };
+        let Some(key) = self.waiting.remove(&conn) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
         if session.current.as_ref().is_some_and(|t| t.conn == conn) {
             self.waiting.insert(conn, key.clone());
             self.interrupt(now, &key, None);

@@ -18,9 +18,15 @@ pub const HEARTBEAT_SECS: u64 = 5;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromChannel {
     /// First frame, sent once MCP is initialised: binds this socket to the process owning `token`.
-    Hello { v: u32, token: String },
+    Hello {
+        v: u32,
+        token: String,
+    },
     /// Claude called the `reply` tool.
-    Reply { chat_id: String, text: String },
+    Reply {
+        chat_id: String,
+        text: String,
+    },
     Heartbeat,
 }
 

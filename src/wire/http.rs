@@ -60,7 +60,9 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<Parsed>, Pars
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(ParseError::HeadTooLarge),
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(ParseError::HeadTooLarge)
+        }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(ParseError::Malformed(e.to_string())),
     };
@@ -72,7 +74,12 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<Parsed>, Pars
             (h.name.to_ascii_lowercase(), value)
         })
         .collect();
-    let find = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
     if find("transfer-encoding").is_some_and(|v| !v.eq_ignore_ascii_case("identity")) {
         return Err(ParseError::LengthRequired);
     }
@@ -99,7 +106,11 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<Parsed>, Pars
         headers,
         body: String::from_utf8_lossy(&buf[head_len..head_len + length]).into_owned(),
     };
-    Ok(Some(Parsed { request, consumed: head_len + length, keep_alive }))
+    Ok(Some(Parsed {
+        request,
+        consumed: head_len + length,
+        keep_alive,
+    }))
 }
 
 /// A complete response with a known body.
@@ -213,7 +224,10 @@ mod tests {
     #[test]
     fn refuses_oversized_bodies_before_reading_them() {
         let raw = b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n";
-        assert_eq!(parse_request(raw, 10).unwrap_err(), ParseError::BodyTooLarge(11));
+        assert_eq!(
+            parse_request(raw, 10).unwrap_err(),
+            ParseError::BodyTooLarge(11)
+        );
     }
 
     #[test]

@@ -67,7 +67,9 @@ impl ChatRequest {
     }
 
     pub fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
@@ -172,6 +174,7 @@ impl ApiError {
     }
 
     pub fn body(&self) -> String {
-        json!({"error": {"message": self.message, "type": self.kind, "code": self.code}}).to_string()
+        json!({"error": {"message": self.message, "type": self.kind, "code": self.code}})
+            .to_string()
     }
 }

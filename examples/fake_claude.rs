@@ -1,0 +1,360 @@
+//! A scripted stand-in for the `claude` CLI, for tests, benchmarks and demos.
+//!
+//! It behaves like interactive Claude Code where synthesis can tell: it needs a terminal,
+//! shows the development-channels warning and waits for Enter, keeps session files under
+//! `$HOME/.claude/projects/...`, starts the channel from `--mcp-config` and speaks MCP to it,
+//! calls the Stop hook from `--settings` when a turn ends, and aborts a turn on one ESC.
+//!
+//! Each channel message scripts its turn:
+//!   plain text      → reply `echo: <text>`
+//!   `sleep <secs>`  → wait (ESC interrupts), then echo
+//!   `crash`         → exit 3 mid-turn
+//!   `silent`        → end the turn without `reply` (last_assistant_message `silent-answer`)
+//! Messages that arrive during a turn are merged into the next turn, as claude does.
+//! Environment: `FAKE_CLAUDE_LOG=<path>` appends each channel notification as a JSON line;
+//! `FAKE_CLAUDE_SCREEN=hang` never shows the dialog, `=trust` shows the workspace-trust screen.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+enum Event {
+    Mcp(Value),
+    Key(u8),
+    ChannelGone,
+}
+
+struct Fake {
+    events: Receiver<Event>,
+    to_channel: ChildStdin,
+    next_id: u64,
+    stop_hook: Option<(String, HashMap<String, String>)>,
+    /// Channel notifications waiting for a turn.
+    inbox: Vec<(String, String)>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if unsafe { libc::isatty(1) } == 0 {
+        fail("Error: Input must be provided either through stdin or as a prompt argument when using --print");
+    }
+    if unsafe { libc::isatty(0) } == 0 {
+        fail("Error: stdin is not a terminal");
+    }
+    let session_file = session_file(flag("--session-id"), flag("--resume"));
+    raw_mode();
+    let (tx, events) = channel();
+    spawn_key_reader(tx.clone());
+    match std::env::var("FAKE_CLAUDE_SCREEN").as_deref() {
+        Ok("hang") => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        Ok("trust") => {
+            print!("\x1b[2J\x1b[HQuick safety check: Is this a project you created or one you trust?\r\n");
+            print!(" \x1b[1m❯ 1. Yes, I trust this folder\x1b[0m\r\n   2. No, exit\r\n");
+            flush();
+            wait_for_key(&events, b'\r');
+            std::process::exit(1);
+        }
+        _ => {}
+    }
+    if flag("--dangerously-load-development-channels").is_some() {
+        // Drawn with cursor moves instead of spaces, like the real TUI.
+        print!("\x1b[2J\x1b[H WARNING: Loading development channels\r\n");
+        print!(" I\x1b[1Cam\x1b[1Cusing\x1b[1Cthis\x1b[1Cfor\x1b[1Clocal\x1b[1Cdevelopment\r\n   2. Exit\r\n");
+        flush();
+        wait_for_key(&events, b'\r');
+        print!("\x1b[2J\x1b[H> \r\n");
+        flush();
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&session_file)
+        .expect("session file");
+    let mcp: Value =
+        serde_json::from_str(&flag("--mcp-config").unwrap_or_else(|| fail("no --mcp-config")))
+            .unwrap_or_else(|_| fail("bad --mcp-config"));
+    let settings: Value =
+        flag("--settings").map_or(Value::Null, |s| serde_json::from_str(&s).expect("settings"));
+    let to_channel = start_channel(&mcp, tx);
+    let mut fake = Fake {
+        events,
+        to_channel,
+        next_id: 0,
+        stop_hook: stop_hook(&settings),
+        inbox: Vec::new(),
+    };
+    fake.handshake();
+    fake.serve();
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("{msg}");
+    std::process::exit(1)
+}
+
+fn flush() {
+    std::io::stdout().flush().unwrap();
+}
+
+/// `--session-id` must be new, `--resume` must exist; both name `<uuid>.jsonl` under the project.
+fn session_file(new: Option<String>, resume: Option<String>) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    let project: String = cwd
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let dir = PathBuf::from(std::env::var("HOME").unwrap())
+        .join(".claude/projects")
+        .join(project);
+    std::fs::create_dir_all(&dir).unwrap();
+    match (new, resume) {
+        (Some(id), None) if dir.join(format!("{id}.jsonl")).exists() => {
+            fail(&format!("Error: Session ID {id} is already in use."))
+        }
+        (None, Some(id)) if !dir.join(format!("{id}.jsonl")).exists() => {
+            fail(&format!("No conversation found with session ID: {id}"))
+        }
+        (Some(id), None) | (None, Some(id)) => dir.join(format!("{id}.jsonl")),
+        _ => dir.join(format!("{}.jsonl", std::process::id())),
+    }
+}
+
+fn raw_mode() {
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        libc::tcgetattr(0, &mut t);
+        libc::cfmakeraw(&mut t);
+        libc::tcsetattr(0, libc::TCSANOW, &t);
+    }
+}
+
+fn spawn_key_reader(tx: Sender<Event>) {
+    std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        while let Ok(1) = std::io::stdin().read(&mut b) {
+            if tx.send(Event::Key(b[0])).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+fn wait_for_key(events: &Receiver<Event>, key: u8) {
+    loop {
+        if let Ok(Event::Key(k)) = events.recv() {
+            if k == key {
+                return;
+            }
+        }
+    }
+}
+
+/// Start the `synthesis` server of `--mcp-config` with its env, as claude does.
+fn start_channel(mcp: &Value, tx: Sender<Event>) -> ChildStdin {
+    let server = &mcp["mcpServers"]["synthesis"];
+    let mut cmd = Command::new(server["command"].as_str().expect("command"));
+    for a in server["args"].as_array().into_iter().flatten() {
+        cmd.arg(a.as_str().unwrap());
+    }
+    for (k, v) in server["env"].as_object().into_iter().flatten() {
+        cmd.env(k, v.as_str().unwrap());
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("channel");
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(Event::Mcp(v));
+            }
+        }
+        let _ = tx.send(Event::ChannelGone);
+    });
+    child.stdin.take().unwrap()
+}
+
+/// The hook URL and headers (with `$VAR`s from `allowedEnvVars` expanded) of `Stop`.
+fn stop_hook(settings: &Value) -> Option<(String, HashMap<String, String>)> {
+    let hook = &settings["hooks"]["Stop"][0]["hooks"][0];
+    let url = hook["url"].as_str()?.to_string();
+    let mut headers = HashMap::new();
+    for (k, v) in hook["headers"].as_object().into_iter().flatten() {
+        let mut v = v.as_str().unwrap().to_string();
+        for var in hook["allowedEnvVars"].as_array().into_iter().flatten() {
+            let var = var.as_str().unwrap();
+            v = v.replace(&format!("${var}"), &std::env::var(var).unwrap_or_default());
+        }
+        headers.insert(k.clone(), v);
+    }
+    Some((url, headers))
+}
+
+impl Fake {
+    fn send(&mut self, msg: Value) {
+        let mut line = msg.to_string();
+        line.push('\n');
+        if self.to_channel.write_all(line.as_bytes()).is_err() {
+            std::process::exit(0);
+        }
+    }
+
+    fn request(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        loop {
+            match self.events.recv() {
+                Ok(Event::Mcp(v)) if v["id"] == json!(id) => return v,
+                Ok(Event::Mcp(v)) => self.note(v),
+                Ok(Event::Key(_)) => {}
+                Ok(Event::ChannelGone) | Err(_) => std::process::exit(0),
+            }
+        }
+    }
+
+    fn handshake(&mut self) {
+        let discover = self.request("server/discover", json!({}));
+        assert_eq!(
+            discover["error"]["code"], -32601,
+            "server/discover must fail"
+        );
+        let init = self.request("initialize", json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "fake-claude", "version": "0"}}));
+        assert!(
+            init["result"]["capabilities"]["experimental"]["claude/channel"].is_object(),
+            "not a channel: {init}"
+        );
+        self.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        let tools = self.request("tools/list", json!({}));
+        assert!(tools["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "reply"));
+    }
+
+    /// Remember a channel notification for the next turn (and log it).
+    fn note(&mut self, v: Value) {
+        if v["method"] != "notifications/claude/channel" {
+            return;
+        }
+        let p = &v["params"];
+        if let Ok(path) = std::env::var("FAKE_CLAUDE_LOG") {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap();
+            writeln!(f, "{}", json!({"content": p["content"], "meta": p["meta"]})).unwrap();
+        }
+        let chat_id = p["meta"]["chat_id"].as_str().unwrap_or("").to_string();
+        self.inbox
+            .push((chat_id, p["content"].as_str().unwrap_or("").to_string()));
+    }
+
+    fn serve(&mut self) {
+        loop {
+            match self.events.recv() {
+                Ok(Event::Mcp(v)) => self.note(v),
+                Ok(Event::Key(_)) => {}
+                Ok(Event::ChannelGone) | Err(_) => std::process::exit(0),
+            }
+            if !self.inbox.is_empty() {
+                // Everything queued so far becomes one turn, as in the real CLI.
+                let msgs = std::mem::take(&mut self.inbox);
+                let chat_id = msgs.last().unwrap().0.clone();
+                let text = msgs
+                    .into_iter()
+                    .map(|(_, t)| t)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                self.turn(&chat_id, &text);
+            }
+        }
+    }
+
+    fn turn(&mut self, chat_id: &str, text: &str) {
+        let script = text.trim();
+        let last = if script == "crash" {
+            print!("crashing as scripted\r\n");
+            flush();
+            std::process::exit(3);
+        } else if script == "silent" {
+            "silent-answer".to_string()
+        } else {
+            if let Some(secs) = script
+                .strip_prefix("sleep ")
+                .and_then(|s| s.trim().parse::<f64>().ok())
+            {
+                if !self.sleep(Duration::from_secs_f64(secs)) {
+                    print!("  ⎿  Interrupted · What should Claude do instead?\r\n");
+                    flush();
+                    return; // no Stop hook after an interrupt
+                }
+            }
+            let answer = format!("echo: {text}");
+            let r = self.request("tools/call", json!({"name": "reply", "arguments": {"chat_id": chat_id, "text": answer}, "_meta": {"claudecode/toolUseId": "toolu_1"}}));
+            assert_eq!(r["result"]["content"][0]["text"], "sent");
+            "Replied.".to_string()
+        };
+        self.call_stop_hook(&last);
+    }
+
+    /// Sleep unless one ESC arrives; false when interrupted.
+    fn sleep(&mut self, d: Duration) -> bool {
+        let end = Instant::now() + d;
+        loop {
+            match self
+                .events
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(Event::Key(0x1b)) => return false,
+                Ok(Event::Mcp(v)) => self.note(v),
+                Ok(Event::Key(_)) => {}
+                Ok(Event::ChannelGone) => std::process::exit(0),
+                Err(RecvTimeoutError::Timeout) => return true,
+                Err(RecvTimeoutError::Disconnected) => std::process::exit(0),
+            }
+        }
+    }
+
+    fn call_stop_hook(&self, last: &str) {
+        let Some((url, headers)) = &self.stop_hook else {
+            return;
+        };
+        let rest = url.strip_prefix("http://").expect("http hook");
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let body = json!({"session_id": "fake", "transcript_path": "/dev/null", "cwd": ".", "hook_event_name": "Stop", "last_assistant_message": last}).to_string();
+        let mut req = format!("POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(&body);
+        // Like claude, wait for the hook's answer before going on.
+        if let Ok(mut s) = TcpStream::connect(host) {
+            let _ = s.write_all(req.as_bytes());
+            let mut resp = String::new();
+            let _ = s.read_to_string(&mut resp);
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! The mio shell: one thread, one `Poll`. It turns readiness into engine inputs and engine
+//! outputs into syscalls, and holds no session logic of its own.
+
+mod conn;
+pub mod spawn;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::TcpListener;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::config::Config;
+use crate::engine::{Engine, Input, Output, ProcId, RandomIds, Settings, Signal};
+use conn::{BridgeConn, BridgeEvent, HttpConn, HttpEvent};
+use spawn::Launch;
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+
+/// What a token stands for. Connection tokens double as the engine's `ConnId`s and are never reused.
+enum Source {
+    Http(HttpConn),
+    Bridge(BridgeConn),
+    Terminal(ProcId),
+}
+
+struct Child {
+    pid: u32,
+    master: OwnedFd,
+    token: Token,
+}
+
+struct Shell {
+    config: Config,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    signals: Signals,
+    engine: Engine,
+    sources: HashMap<Token, Source>,
+    next_token: usize,
+    children: HashMap<ProcId, Child>,
+    self_exe: PathBuf,
+    workspace: PathBuf,
+    addr: SocketAddr,
+    /// Tokens to forget at the end of the event batch (a freed token can still have events in it).
+    dead: Vec<Token>,
+    exit: bool,
+}
+
+/// Run the service until a shutdown completes.
+pub fn serve(config: Config) -> Result<(), String> {
+    let mut shell = Shell::new(config).map_err(|e| e.to_string())?;
+    shell.run().map_err(|e| format!("event loop failed: {e}"))
+}
+
+fn with_context<T>(what: impl std::fmt::Display, r: io::Result<T>) -> io::Result<T> {
+    r.map_err(|e| io::Error::new(e.kind(), format!("{what}: {e}")))
+}
+
+impl Shell {
+    fn new(config: Config) -> io::Result<Self> {
+        let workspace = with_context(
+            format!("workspace {}", config.workspace.display()),
+            config.workspace.canonicalize(),
+        )?;
+        with_context(
+            format!("state_dir {}", config.state_dir.display()),
+            std::fs::create_dir_all(&config.state_dir),
+        )?;
+        let self_exe = with_context("cannot find own binary", std::env::current_exe())?;
+        let poll = Poll::new()?;
+        let mut listener = with_context(
+            format!("cannot listen on {}", config.listen),
+            TcpListener::bind(config.listen),
+        )?;
+        let addr = listener.local_addr()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGCHLD])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let engine = Engine::new(
+            Settings::from_config(&config),
+            Box::new(RandomIds),
+            Instant::now(),
+        );
+        log::info!(
+            "synthesis listening on http://{addr} (workspace {})",
+            workspace.display()
+        );
+        Ok(Shell {
+            config,
+            poll,
+            listener: Some(listener),
+            signals,
+            engine,
+            sources: HashMap::new(),
+            next_token: 2,
+            children: HashMap::new(),
+            self_exe,
+            workspace,
+            addr,
+            dead: Vec::new(),
+            exit: false,
+        })
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(256);
+        while !self.exit {
+            let timeout = self
+                .engine
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {} // an empty wake-up
+                Err(e) => return Err(e),
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    SIGNALS => self.on_signals(),
+                    token => self.on_ready(token, event.is_writable()),
+                }
+            }
+            if self
+                .engine
+                .poll_timeout()
+                .is_some_and(|t| t <= Instant::now())
+            {
+                self.feed(Input::Tick);
+            }
+            for token in std::mem::take(&mut self.dead) {
+                self.forget(token);
+            }
+        }
+        log::info!("all claude processes stopped; exiting");
+        Ok(())
+    }
+
+    /// Hand one input to the engine and carry out everything it asks for.
+    fn feed(&mut self, input: Input) {
+        self.engine.handle(Instant::now(), input);
+        while let Some(out) = self.engine.poll_output() {
+            self.execute(out);
+        }
+    }
+
+    fn execute(&mut self, out: Output) {
+        match out {
+            Output::Respond { conn, response } => self.with_http(conn, |c| c.respond(&response)),
+            Output::StreamStart { conn } => self.with_http(conn, HttpConn::stream_start),
+            Output::StreamData { conn, data } => self.with_http(conn, |c| c.stream_data(&data)),
+            Output::StreamEnd { conn } => self.with_http(conn, HttpConn::stream_end),
+            Output::Bridge { conn, frame } => {
+                if let Some(Source::Bridge(b)) = self.sources.get_mut(&Token(conn as usize)) {
+                    b.send(&frame);
+                }
+            }
+            Output::CloseBridge { conn } => {
+                if let Some(Source::Bridge(b)) = self.sources.get_mut(&Token(conn as usize)) {
+                    let _ = b.ws.close(None);
+                    b.flush();
+                    self.dead.push(Token(conn as usize));
+                }
+            }
+            Output::Spawn { proc, spec } => self.spawn(proc, &spec),
+            Output::WriteTerminal { proc, data } => {
+                if let Some(child) = self.children.get(&proc) {
+                    // A few bytes (Enter, ESC): the terminal buffer always takes them.
+                    let fd = child.master.as_raw_fd();
+                    // SAFETY: fd is an open pty master owned by `child`.
+                    unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+                }
+            }
+            Output::Signal { proc, signal } => {
+                if let Some(child) = self.children.get(&proc) {
+                    let sig = match signal {
+                        Signal::Term => libc::SIGTERM,
+                        Signal::Kill => libc::SIGKILL,
+                    };
+                    // The whole group: claude, its channel, its tools.
+                    // SAFETY: plain kill(2) on a group we created.
+                    unsafe { libc::kill(-(child.pid as libc::pid_t), sig) };
+                }
+            }
+            Output::Exit => self.exit = true,
+        }
+    }
+
+    /// Apply an output to an HTTP connection, then push its bytes out.
+    fn with_http(&mut self, conn: u64, f: impl FnOnce(&mut HttpConn)) {
+        let token = Token(conn as usize);
+        if let Some(Source::Http(c)) = self.sources.get_mut(&token) {
+            f(c);
+            self.flush_http(token);
+        }
+    }
+
+    fn flush_http(&mut self, token: Token) {
+        let Some(Source::Http(c)) = self.sources.get_mut(&token) else {
+            return;
+        };
+        if !c.flush() {
+            self.close(token);
+            return;
+        }
+        // An answer completed: a pipelined request may be waiting in the buffer.
+        if let Some(ev) = c.next_request(self.config.max_body) {
+            self.on_http_event(token, ev);
+        }
+    }
+
+    fn accept(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let token = Token(self.next_token);
+                    self.next_token += 1;
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if let Err(e) = self.poll.registry().register(&mut stream, token, interest) {
+                        log::error!("cannot register a connection: {e}");
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    self.sources
+                        .insert(token, Source::Http(HttpConn::new(stream)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: the edge will not repeat, so try again next loop turn.
+                    log::error!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_ready(&mut self, token: Token, writable: bool) {
+        match self.sources.get_mut(&token) {
+            Some(Source::Http(c)) => {
+                let events = c.on_readable(self.config.max_body);
+                for ev in events {
+                    self.on_http_event(token, ev);
+                }
+                if writable {
+                    self.flush_http(token);
+                }
+            }
+            Some(Source::Bridge(b)) => {
+                for ev in b.on_readable() {
+                    let conn = token.0 as u64;
+                    match ev {
+                        BridgeEvent::Frame(frame) => self.feed(Input::BridgeFrame { conn, frame }),
+                        BridgeEvent::Closed => self.close(token),
+                    }
+                }
+            }
+            Some(Source::Terminal(proc)) => {
+                let proc = *proc;
+                self.drain_terminal(proc);
+            }
+            None => {}
+        }
+    }
+
+    fn on_http_event(&mut self, token: Token, ev: HttpEvent) {
+        let conn = token.0 as u64;
+        match ev {
+            HttpEvent::Request(request) => {
+                let unix_secs = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                self.feed(Input::Http {
+                    conn,
+                    request,
+                    unix_secs,
+                });
+            }
+            HttpEvent::Upgrade(req, rest) => {
+                let Some(Source::Http(c)) = self.sources.remove(&token) else {
+                    return;
+                };
+                match c.into_websocket(rest, &req) {
+                    Some(mut bridge) => {
+                        // Frames may have arrived with the upgrade request.
+                        let events = bridge.on_readable();
+                        self.sources.insert(token, Source::Bridge(bridge));
+                        for ev in events {
+                            match ev {
+                                BridgeEvent::Frame(frame) => {
+                                    self.feed(Input::BridgeFrame { conn, frame })
+                                }
+                                BridgeEvent::Closed => self.close(token),
+                            }
+                        }
+                    }
+                    None => log::warn!("bridge: bad WebSocket upgrade request, dropped"),
+                }
+            }
+            HttpEvent::Closed => self.close(token),
+        }
+    }
+
+    /// A connection ended: tell the engine now, forget the token at the end of the batch.
+    fn close(&mut self, token: Token) {
+        if self.dead.contains(&token) {
+            return;
+        }
+        self.dead.push(token);
+        let conn = token.0 as u64;
+        match self.sources.get(&token) {
+            Some(Source::Http(_)) => self.feed(Input::ConnClosed { conn }),
+            Some(Source::Bridge(_)) => self.feed(Input::BridgeClosed { conn }),
+            _ => {}
+        }
+    }
+
+    fn forget(&mut self, token: Token) {
+        match self.sources.remove(&token) {
+            Some(Source::Http(mut c)) => {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+            }
+            Some(Source::Bridge(mut b)) => {
+                let _ = self.poll.registry().deregister(b.ws.get_mut());
+            }
+            Some(Source::Terminal(_)) | None => {}
+        }
+    }
+
+    fn spawn(&mut self, proc: ProcId, spec: &crate::engine::SpawnSpec) {
+        let launch = Launch {
+            config: &self.config,
+            self_exe: &self.self_exe,
+            addr: self.addr,
+            workspace: &self.workspace,
+            projects_dir: home().join(".claude").join("projects"),
+        };
+        let tmpdir = self.config.state_dir.join("tmp").join(proc.to_string());
+        match launch.spawn(spec, &tmpdir) {
+            Ok((pid, master)) => {
+                let token = Token(self.next_token);
+                self.next_token += 1;
+                let fd = master.as_raw_fd();
+                if let Err(e) =
+                    self.poll
+                        .registry()
+                        .register(&mut SourceFd(&fd), token, Interest::READABLE)
+                {
+                    log::error!("cannot watch claude's terminal: {e}");
+                }
+                self.sources.insert(token, Source::Terminal(proc));
+                self.children.insert(proc, Child { pid, master, token });
+                self.feed(Input::Spawned { proc, pid });
+            }
+            Err(e) => self.feed(Input::SpawnFailed {
+                proc,
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    /// Keep reading claude's screen (it blocks when the terminal buffer fills).
+    fn drain_terminal(&mut self, proc: ProcId) {
+        let Some(child) = self.children.get(&proc) else {
+            return;
+        };
+        let fd = child.master.as_raw_fd();
+        let mut buf = [0u8; 16 * 1024];
+        let mut text = String::new();
+        loop {
+            // SAFETY: reading into our own buffer from an open pty master.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            match n {
+                n if n > 0 => text.push_str(&String::from_utf8_lossy(&buf[..n as usize])),
+                0 => break,
+                _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+                // WouldBlock, or EIO once every slave handle is closed.
+                _ => break,
+            }
+        }
+        if !text.is_empty() {
+            self.feed(Input::Terminal { proc, text });
+        }
+    }
+
+    fn on_signals(&mut self) {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for sig in pending {
+            match sig {
+                SIGCHLD => self.reap(),
+                _ => {
+                    log::info!("signal {sig}: shutting down");
+                    if let Some(mut l) = self.listener.take() {
+                        let _ = self.poll.registry().deregister(&mut l);
+                    }
+                    self.feed(Input::Shutdown);
+                }
+            }
+        }
+    }
+
+    /// Collect every exited child and tell the engine, after a last read of its screen.
+    fn reap(&mut self) {
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with WNOHANG on any child.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                return;
+            }
+            let Some(proc) = self
+                .children
+                .iter()
+                .find(|(_, c)| c.pid == pid as u32)
+                .map(|(id, _)| *id)
+            else {
+                continue;
+            };
+            self.drain_terminal(proc);
+            let child = self.children.remove(&proc).expect("child");
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&child.master.as_raw_fd()));
+            self.sources.remove(&child.token);
+            let tmpdir = self.config.state_dir.join("tmp").join(proc.to_string());
+            let _ = std::fs::remove_dir_all(tmpdir);
+            self.feed(Input::Exited {
+                proc,
+                status: describe_status(status),
+            });
+        }
+    }
+}
+
+fn describe_status(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exit status {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("wait status {status}")
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from)
+}

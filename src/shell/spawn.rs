@@ -1,0 +1,261 @@
+//! Starting claude the way the real CLI needs it: interactive, on a pseudo-terminal, in its own
+//! session and process group, with the synthesis channel and HTTP hooks passed inline.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::json;
+
+use crate::config::Config;
+use crate::engine::SpawnSpec;
+use crate::wire::bridge;
+
+pub const HOOK_TOKEN_ENV: &str = "SYNTHESIS_HOOK_TOKEN";
+const COLS: u16 = 200;
+const ROWS: u16 = 50;
+
+/// Everything a spawn needs to know about where synthesis runs.
+pub struct Launch<'a> {
+    pub config: &'a Config,
+    /// Absolute path of this binary: claude runs it as `synthesis channel`.
+    pub self_exe: &'a Path,
+    /// The listener's address, as claude's hooks and channel must reach it.
+    pub addr: SocketAddr,
+    /// Absolute workspace: claude's cwd.
+    pub workspace: &'a Path,
+    /// Where Claude Code keeps transcripts: `$HOME/.claude/projects`.
+    pub projects_dir: PathBuf,
+}
+
+impl Launch<'_> {
+    /// `--resume` when the session's transcript exists, else `--session-id` (claude refuses
+    /// to resume an unknown session and to reuse a known id).
+    pub fn resumes(&self, uuid: &str) -> bool {
+        self.projects_dir
+            .join(project_dir_name(self.workspace))
+            .join(format!("{uuid}.jsonl"))
+            .exists()
+    }
+
+    pub fn args(&self, spec: &SpawnSpec, resume: bool) -> Vec<String> {
+        let base = format!("http://{}", loopback(self.addr));
+        let mcp = json!({"mcpServers": {"synthesis": {
+            "command": self.self_exe.to_string_lossy(),
+            "args": ["channel"],
+            "env": {
+                bridge::ENV_URL: format!("ws://{}{}", loopback(self.addr), bridge::PATH),
+                bridge::ENV_TOKEN: spec.bridge_token,
+            },
+        }}});
+        let hook = |path: &str| {
+            json!([{"hooks": [{
+                "type": "http",
+                "url": format!("{base}{path}"),
+                "headers": {"Authorization": format!("Bearer ${HOOK_TOKEN_ENV}")},
+                "allowedEnvVars": [HOOK_TOKEN_ENV],
+            }]}])
+        };
+        let settings = json!({"hooks": {
+            "Stop": hook(crate::engine::HOOK_STOP),
+            "StopFailure": hook(crate::engine::HOOK_STOP_FAILURE),
+        }});
+        let c = self.config;
+        let session_flag = if resume { "--resume" } else { "--session-id" };
+        let mut args: Vec<String> = [
+            "--dangerously-load-development-channels",
+            "server:synthesis",
+            "--mcp-config",
+            &mcp.to_string(),
+            "--strict-mcp-config",
+            "--settings",
+            &settings.to_string(),
+            session_flag,
+            &spec.session_uuid,
+            "--permission-mode",
+            &c.permission_mode,
+            "--allowed-tools",
+            &c.allowed_tools,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(c.claude_args.iter().cloned());
+        args
+    }
+
+    /// Spawn claude on a new pseudo-terminal; returns its pid and the terminal's master side.
+    pub fn spawn(&self, spec: &SpawnSpec, tmpdir: &Path) -> io::Result<(u32, OwnedFd)> {
+        std::fs::create_dir_all(tmpdir)?;
+        let resume = self.resumes(&spec.session_uuid);
+        let (master, slave) = open_pty()?;
+        let mut cmd = Command::new(&self.config.claude_command);
+        cmd.args(self.args(spec, resume))
+            .current_dir(self.workspace);
+        // Nothing of synthesis's own configuration (the API key) reaches claude or its tools.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SYNTHESIS_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env(HOOK_TOKEN_ENV, &spec.hook_token)
+            .env("TMPDIR", tmpdir);
+        if std::env::var_os("TERM").is_none() {
+            cmd.env("TERM", "xterm-256color");
+        }
+        cmd.stdin(Stdio::from(slave.try_clone()?))
+            .stdout(Stdio::from(slave.try_clone()?))
+            .stderr(Stdio::from(slave));
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Own session and process group (a kill reaches its tools and MCP servers),
+                // the terminal as controlling tty, and death with synthesis.
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(1); // synthesis died before prctl took effect
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| {
+            io::Error::new(e.kind(), format!("{}: {e}", self.config.claude_command))
+        })?;
+        Ok((child.id(), master))
+    }
+}
+
+/// Claude Code's project folder name: the cwd with every non-alphanumeric as `-`.
+pub fn project_dir_name(cwd: &Path) -> String {
+    cwd.to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+/// An unspecified listen address (0.0.0.0) is reached on loopback.
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a
+}
+
+fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: ROWS,
+        ws_col: COLS,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two fds we then own.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh from openpty.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    // The master stays with synthesis only, non-blocking for mio.
+    unsafe {
+        libc::fcntl(master.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+        let flags = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(master.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        libc::fcntl(slave.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    Ok((master, slave))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv_carries_channel_hooks_session_and_permissions() {
+        let config = Config {
+            claude_args: vec!["--model".into(), "opus".into()],
+            ..Config::default()
+        };
+        let launch = Launch {
+            config: &config,
+            self_exe: Path::new("/opt/synthesis"),
+            addr: "0.0.0.0:8787".parse().unwrap(),
+            workspace: Path::new("/w"),
+            projects_dir: PathBuf::from("/nonexistent"),
+        };
+        let spec = SpawnSpec {
+            session_uuid: "u-1".into(),
+            bridge_token: "bt".into(),
+            hook_token: "ht".into(),
+        };
+        let args = launch.args(&spec, false);
+        assert_eq!(
+            args[..2],
+            [
+                "--dangerously-load-development-channels",
+                "server:synthesis"
+            ]
+        );
+        let mcp: serde_json::Value = serde_json::from_str(&args[3]).unwrap();
+        let server = &mcp["mcpServers"]["synthesis"];
+        assert_eq!(server["command"], "/opt/synthesis");
+        assert_eq!(server["args"], json!(["channel"]));
+        assert_eq!(
+            server["env"]["SYNTHESIS_BRIDGE_URL"],
+            "ws://127.0.0.1:8787/bridge"
+        );
+        assert_eq!(server["env"]["SYNTHESIS_BRIDGE_TOKEN"], "bt");
+        assert_eq!(args[4], "--strict-mcp-config");
+        let settings: serde_json::Value = serde_json::from_str(&args[6]).unwrap();
+        let stop = &settings["hooks"]["Stop"][0]["hooks"][0];
+        assert_eq!(stop["url"], "http://127.0.0.1:8787/hooks/stop");
+        assert_eq!(
+            stop["headers"]["Authorization"],
+            "Bearer $SYNTHESIS_HOOK_TOKEN"
+        );
+        assert_eq!(
+            settings["hooks"]["StopFailure"][0]["hooks"][0]["url"],
+            "http://127.0.0.1:8787/hooks/stop-failure"
+        );
+        assert_eq!(args[7..9], ["--session-id", "u-1"]);
+        assert_eq!(launch.args(&spec, true)[7], "--resume");
+        assert_eq!(
+            args[9..],
+            [
+                "--permission-mode",
+                "default",
+                "--allowed-tools",
+                "mcp__synthesis__*",
+                "--model",
+                "opus"
+            ]
+        );
+    }
+
+    #[test]
+    fn project_dir_replaces_non_alphanumerics() {
+        assert_eq!(
+            project_dir_name(Path::new("/home/u/my_work.1")),
+            "-home-u-my-work-1"
+        );
+    }
+}
