@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,8 @@ enum Event {
 struct Fake {
     events: Receiver<Event>,
     to_channel: ChildStdin,
+    /// Killed with our process group; never waited for, as claude exits first.
+    _channel: Child,
     next_id: u64,
     stop_hook: Option<(String, HashMap<String, String>)>,
     /// Channel notifications waiting for a turn.
@@ -89,10 +91,11 @@ fn main() {
             .unwrap_or_else(|_| fail("bad --mcp-config"));
     let settings: Value =
         flag("--settings").map_or(Value::Null, |s| serde_json::from_str(&s).expect("settings"));
-    let to_channel = start_channel(&mcp, tx);
+    let (channel_child, to_channel) = start_channel(&mcp, tx);
     let mut fake = Fake {
         events,
         to_channel,
+        _channel: channel_child,
         next_id: 0,
         stop_hook: stop_hook(&settings),
         inbox: Vec::new(),
@@ -165,7 +168,7 @@ fn wait_for_key(events: &Receiver<Event>, key: u8) {
 }
 
 /// Start the `synthesis` server of `--mcp-config` with its env, as claude does.
-fn start_channel(mcp: &Value, tx: Sender<Event>) -> ChildStdin {
+fn start_channel(mcp: &Value, tx: Sender<Event>) -> (Child, ChildStdin) {
     let server = &mcp["mcpServers"]["synthesis"];
     let mut cmd = Command::new(server["command"].as_str().expect("command"));
     for a in server["args"].as_array().into_iter().flatten() {
@@ -190,7 +193,8 @@ fn start_channel(mcp: &Value, tx: Sender<Event>) -> ChildStdin {
         }
         let _ = tx.send(Event::ChannelGone);
     });
-    child.stdin.take().unwrap()
+    let stdin = child.stdin.take().unwrap();
+    (child, stdin)
 }
 
 /// The hook URL and headers (with `$VAR`s from `allowedEnvVars` expanded) of `Stop`.

@@ -334,20 +334,3 @@ enum Shutdown {
     /// Every process has been told to stop; exit when the last is reaped.
     Stopping,
 }
-
-#[cfg(test)]
-pub(crate) fn test_settings() -> Settings {
-    Settings {
-        api_key: Some("key".into()),
-        model: "claude-code".into(),
-        max_processes: 4,
-        queue_depth: 2,
-        ready_timeout: Duration::from_secs(15),
-        idle_timeout: Duration::from_secs(600),
-        idle_sweep: Duration::from_secs(60),
-        turn_timeout: Duration::from_secs(300),
-        stop_grace: Duration::from_secs(5),
-        shutdown_grace: Duration::from_secs(10),
-        settle: Duration::from_millis(500),
-    }
-}

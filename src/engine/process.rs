@@ -41,7 +41,7 @@ pub struct Process {
     kill_at: Option<Instant>,
     /// After an interrupt: no delivery before this.
     pub settle_until: Option<Instant>,
-    /// Why synthesis stopped it, for the turn that is cut short.
+    /// Why synthesis is stopping it, for the turn that is cut short.
     stop_reason: Option<String>,
 }
 
@@ -276,10 +276,10 @@ impl Engine {
         );
         self.detach(&p);
         let key = p.session.clone();
-        let reason = p
-            .stop_reason
-            .clone()
-            .unwrap_or_else(|| format!("{} exited ({status})", p.describe()));
+        let why = p.stop_reason.as_ref().map_or(String::new(), |r| {
+            format!(" (synthesis was stopping it: {r})")
+        });
+        let reason = format!("{} exited ({status}){why}", p.describe());
         if self.sessions[&key].current.is_some() {
             let msg = format!("{reason} during the turn; {}", p.tail());
             self.end_turn(
@@ -338,7 +338,7 @@ impl Engine {
             p.describe()
         );
         p.state = ProcState::Stopping;
-        p.stop_reason = Some(format!("{} was stopped: {reason}", p.describe()));
+        p.stop_reason = Some(reason.to_string());
         p.kill_at = Some(now + self.settings.stop_grace);
         self.push(Output::Signal {
             proc: id,

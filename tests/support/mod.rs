@@ -1,6 +1,8 @@
 //! Replay harness: drives the engine with scripted inputs on a virtual clock.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};

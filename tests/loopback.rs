@@ -1,0 +1,253 @@
+//! Loopback tests: the real binary, the scripted fake claude, HTTP on 127.0.0.1.
+
+mod support;
+
+use std::time::Instant;
+
+use support::daemon::*;
+
+#[test]
+fn json_and_streamed_turns_two_sessions_and_process_reuse() {
+    let d = Daemon::start("turns", "", &[]);
+    let mut c = d.client();
+    let r = c.chat("alice", "hello there", false);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "echo: hello there"
+    );
+
+    let r = c.chat("alice", "second turn", true);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "echo: second turn");
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "stop"));
+    assert!(chunks.last().unwrap()["usage"].is_object());
+    assert_eq!(
+        d.log_lines("spawning process").len(),
+        1,
+        "alice's second turn reused her claude"
+    );
+
+    let r = Client::connect(d.port).chat("bob", "hi from bob", false);
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "echo: hi from bob"
+    );
+    assert_eq!(
+        d.claude_pids().len(),
+        2,
+        "two sessions, two claude processes"
+    );
+    let delivered: Vec<String> = d
+        .delivered()
+        .iter()
+        .map(|v| v["content"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(delivered, ["hello there", "second turn", "hi from bob"]);
+}
+
+/// Headers, path, body, expected status.
+type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str, u16);
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let d = Daemon::start("errors", "max_body = 1000", &[]);
+    let auth = format!("Bearer {API_KEY}");
+    let good = r#"{"messages":[{"role":"user","content":"x"}]}"#;
+    let mut c = d.client();
+    let cases: [Case; 5] = [
+        (
+            &[("x-session-affinity", "s")],
+            "/v1/chat/completions",
+            good,
+            401,
+        ),
+        (
+            &[
+                ("authorization", "Bearer wrong"),
+                ("x-session-affinity", "s"),
+            ],
+            "/v1/chat/completions",
+            good,
+            401,
+        ),
+        (
+            &[("authorization", &auth), ("x-session-affinity", "s")],
+            "/v1/chat/completions",
+            "{oops",
+            400,
+        ),
+        (
+            &[("authorization", &auth), ("x-session-affinity", "s")],
+            "/v1/chat/completions",
+            r#"{"model":"m"}"#,
+            400,
+        ),
+        (&[("authorization", &auth)], "/v1/nope", good, 404),
+    ];
+    for (headers, path, body, status) in cases {
+        let r = c.request("POST", path, headers, body);
+        assert_eq!(r.status, status, "{}", r.body);
+        let err = &r.json()["error"];
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty())
+                && err["type"].is_string()
+                && err["code"].is_string()
+        );
+    }
+    // Same keep-alive connection still works; then an oversized body is refused and closed.
+    assert_eq!(c.request("GET", "/healthz", &[], "").status, 200);
+    let big = "x".repeat(1001);
+    let r = c.request(
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        &big,
+    );
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"]["code"], "body_too_large");
+    assert!(c.closed());
+    assert_eq!(d.client().request("GET", "/healthz", &[], "").status, 200);
+    assert!(
+        d.claude_pids().is_empty(),
+        "no bad request started a claude"
+    );
+}
+
+#[test]
+fn sigterm_exits_zero_and_leaves_no_claude_or_channel() {
+    let mut d = Daemon::start("sigterm", "", &[]);
+    assert_eq!(d.client().chat("a", "one", false).status, 200);
+    assert_eq!(d.client().chat("b", "two", false).status, 200);
+    let pids = d.claude_pids();
+    assert_eq!(pids.len(), 2);
+    assert!(
+        pids.iter().all(|p| group_members(*p).len() >= 2),
+        "claude and its channel run"
+    );
+    let t = Instant::now();
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(), Some(0));
+    eprintln!("SIGTERM to exit: {:?}", t.elapsed());
+    for pid in pids {
+        assert!(group_members(pid).is_empty(), "group {pid} left behind");
+    }
+}
+
+#[test]
+fn sigkill_of_synthesis_takes_its_claudes_along() {
+    let mut d = Daemon::start("sigkill", "", &[]);
+    assert_eq!(d.client().chat("a", "one", false).status, 200);
+    let pid = d.claude_pids()[0];
+    d.signal(libc::SIGKILL);
+    d.wait_exit();
+    wait_for("claude and its channel to die", || {
+        group_members(pid).is_empty().then_some(())
+    });
+}
+
+#[test]
+fn crash_mid_turn_is_a_502_with_the_terminal_tail_and_the_next_turn_works() {
+    let d = Daemon::start("crash", "", &[]);
+    let t = Instant::now();
+    let r = d.client().chat("a", "crash", false);
+    assert_eq!(r.status, 502, "{}", r.body);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("exit status 3") && msg.contains("crashing as scripted"),
+        "{msg}"
+    );
+    eprintln!("crash to error: {:?}", t.elapsed());
+    let r = d.client().chat("a", "are you back", false);
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "echo: are you back"
+    );
+    assert_eq!(d.claude_pids().len(), 2);
+    assert!(d.log_lines("claude_args").is_empty());
+}
+
+#[test]
+fn a_claude_that_never_becomes_ready_fails_after_ready_timeout_and_is_gone() {
+    let d = Daemon::start(
+        "hang",
+        "ready_timeout = 1s",
+        &[("FAKE_CLAUDE_SCREEN", "hang")],
+    );
+    let r = d.client().chat("a", "hello", false);
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("ready_timeout"));
+    let pid = d.claude_pids()[0];
+    wait_for("the hung claude to be gone", || {
+        group_members(pid).is_empty().then_some(())
+    });
+}
+
+#[test]
+fn workspace_trust_screen_fails_fast_with_advice() {
+    let d = Daemon::start("trust", "", &[("FAKE_CLAUDE_SCREEN", "trust")]);
+    let r = d.client().chat("a", "hello", false);
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"]["code"], "workspace_not_trusted");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Yes, I trust this folder"));
+}
+
+#[test]
+fn concurrent_requests_on_one_session_get_separate_answers_in_order() {
+    let d = Daemon::start("fifo", "", &[]);
+    assert_eq!(d.client().chat("a", "warm up", false).status, 200);
+    let port = d.port;
+    let first = std::thread::spawn(move || Client::connect(port).chat("a", "sleep 0.5", false));
+    wait_for("the first turn to be delivered", || {
+        (d.delivered().len() == 2).then_some(())
+    });
+    let second = Client::connect(d.port).chat("a", "second", false);
+    let first = first.join().unwrap();
+    assert_eq!(
+        first.json()["choices"][0]["message"]["content"],
+        "echo: sleep 0.5"
+    );
+    assert_eq!(
+        second.json()["choices"][0]["message"]["content"],
+        "echo: second"
+    );
+    assert_eq!(d.delivered().len(), 3, "delivered one by one, never merged");
+}
+
+#[test]
+fn client_disconnect_interrupts_the_turn_and_the_next_turn_works() {
+    let d = Daemon::start("disconnect", "", &[]);
+    let mut c = d.client();
+    let body = r#"{"messages":[{"role":"user","content":"sleep 30"}],"stream":true}"#;
+    let auth = format!("Bearer {API_KEY}");
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nauthorization: {auth}\r\nx-session-affinity: a\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    c.send_raw(raw.as_bytes());
+    wait_for("delivery", || (d.delivered().len() == 1).then_some(()));
+    drop(c);
+    d.wait_log("interrupting chat-1");
+    let r = d.client().chat("a", "next", false);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: next");
+}
