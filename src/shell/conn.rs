@@ -4,7 +4,7 @@
 use std::io::{self, Read, Write};
 
 use mio::net::TcpStream;
-use tungstenite::protocol::{Role, WebSocket};
+use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tungstenite::Message;
 
 use crate::wire::bridge::{self, FromChannel, ToChannel};
@@ -139,9 +139,18 @@ impl HttpConn {
         let accept = http::websocket_accept(req)?;
         // The 101 is tiny; a fresh socket's send buffer always takes it.
         stream.write_all(&accept).ok()?;
-        let ws = WebSocket::from_partially_read(stream, rest, Role::Server, None);
+        let ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(bridge_config()));
         Some(BridgeConn { ws })
     }
+}
+
+/// Frames are small JSON: tungstenite's default 128 KiB buffers per socket would make
+/// bridges the bulk of synthesis's memory with hundreds of sessions.
+fn bridge_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(16 << 20))
 }
 
 fn framing_error(e: &ParseError) -> ApiError {

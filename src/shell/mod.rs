@@ -81,6 +81,10 @@ impl Shell {
             format!("cannot listen on {}", config.listen),
             TcpListener::bind(config.listen),
         )?;
+        // mio listens with std's backlog of 128: hundreds of claudes firing Stop hooks at once
+        // overflow it and pay a 1 s SYN retransmit. Linux lets listen() raise it in place.
+        // SAFETY: listen(2) on our own listening socket.
+        unsafe { libc::listen(listener.as_raw_fd(), 4096) };
         let addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
