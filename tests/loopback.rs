@@ -251,3 +251,20 @@ fn client_disconnect_interrupts_the_turn_and_the_next_turn_works() {
     let r = d.client().chat("a", "next", false);
     assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: next");
 }
+
+/// The official `openai` Python SDK, when installed (`.ci/run` installs it); skipped visibly otherwise.
+#[test]
+fn the_openai_python_sdk_gets_replies_streamed_and_not() {
+    let has_sdk = std::process::Command::new("python3").args(["-c", "import openai"]).output();
+    if !has_sdk.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: python3 with the `openai` package is not installed (pip install openai)");
+        return;
+    }
+    let d = Daemon::start("sdk", "", &[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
+    let url = format!("http://127.0.0.1:{}/v1", d.port);
+    let out = std::process::Command::new("python3").args([script, &url, API_KEY]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{stdout}");
+}
