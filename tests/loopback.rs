@@ -255,16 +255,48 @@ fn client_disconnect_interrupts_the_turn_and_the_next_turn_works() {
 /// The official `openai` Python SDK, when installed (`.ci/run` installs it); skipped visibly otherwise.
 #[test]
 fn the_openai_python_sdk_gets_replies_streamed_and_not() {
-    let has_sdk = std::process::Command::new("python3").args(["-c", "import openai"]).output();
+    let has_sdk = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output();
     if !has_sdk.is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIPPED: python3 with the `openai` package is not installed (pip install openai)");
+        eprintln!(
+            "SKIPPED: python3 with the `openai` package is not installed (pip install openai)"
+        );
         return;
     }
     let d = Daemon::start("sdk", "", &[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
     let url = format!("http://127.0.0.1:{}/v1", d.port);
-    let out = std::process::Command::new("python3").args([script, &url, API_KEY]).output().unwrap();
+    let out = std::process::Command::new("python3")
+        .args([script, &url, API_KEY])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!("{stdout}");
+}
+
+#[test]
+fn a_huge_body_gets_413_even_while_the_client_is_still_sending() {
+    let d = Daemon::start("huge", "max_body = 1000", &[]);
+    let mut c = d.client();
+    let body = "x".repeat(8 << 20);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    c.send_raw(head.as_bytes());
+    let mut writer = c.try_clone_stream();
+    let sender = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = writer.write_all(body.as_bytes()); // may fail once the server closes: fine
+    });
+    let r = c.read_response();
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"]["code"], "body_too_large");
+    sender.join().unwrap();
 }

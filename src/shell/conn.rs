@@ -28,8 +28,14 @@ pub struct HttpConn {
     keep_alive: bool,
     /// Close once `outbuf` is written.
     closing: bool,
+    /// Our side is shut down; unread request bytes are discarded until the client closes, so
+    /// that closing with unread data (a TCP reset) cannot destroy the error response.
+    lingering: usize,
     eof: bool,
 }
+
+/// Bytes discarded while lingering before giving up on a client that keeps sending.
+const LINGER_LIMIT: usize = 64 << 20;
 
 impl HttpConn {
     pub fn new(stream: TcpStream) -> Self {
@@ -40,6 +46,7 @@ impl HttpConn {
             busy: false,
             keep_alive: true,
             closing: false,
+            lingering: 0,
             eof: false,
         }
     }
@@ -51,6 +58,7 @@ impl HttpConn {
         while !self.eof && self.inbuf.len() <= max_body + http::MAX_HEAD {
             match self.stream.read(&mut buf) {
                 Ok(0) => self.eof = true,
+                Ok(n) if self.closing => self.lingering += n,
                 Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -58,7 +66,8 @@ impl HttpConn {
             }
         }
         let mut events: Vec<HttpEvent> = self.next_request(max_body).into_iter().collect();
-        if self.eof && !matches!(events.first(), Some(HttpEvent::Upgrade(..))) {
+        let gone = self.eof || self.lingering >= LINGER_LIMIT;
+        if gone && !matches!(events.first(), Some(HttpEvent::Upgrade(..))) {
             events.push(HttpEvent::Closed);
         }
         events
@@ -131,7 +140,14 @@ impl HttpConn {
                 Err(_) => return false,
             }
         }
-        !(self.closing || (self.eof && !self.busy))
+        if self.closing {
+            if self.lingering == 0 {
+                let _ = self.stream.shutdown(std::net::Shutdown::Write);
+                self.lingering = 1;
+            }
+            return !self.eof && self.lingering < LINGER_LIMIT;
+        }
+        !self.eof || self.busy
     }
 
     pub fn into_websocket(self, rest: Vec<u8>, req: &Request) -> Option<BridgeConn> {

@@ -239,6 +239,11 @@ impl Client {
         }
     }
 
+    /// A second handle on the socket, to write from another thread.
+    pub fn try_clone_stream(&self) -> TcpStream {
+        self.stream.get_ref().try_clone().unwrap()
+    }
+
     pub fn send_raw(&mut self, raw: &[u8]) {
         self.stream.get_mut().write_all(raw).unwrap();
     }
