@@ -23,6 +23,7 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub idle_sweep: Duration,
     pub turn_timeout: Duration,
+    pub trust_workspace: bool,
 }
 
 impl Default for Config {
@@ -44,6 +45,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(30 * 60),
             idle_sweep: Duration::from_secs(60),
             turn_timeout: Duration::from_secs(60 * 60),
+            trust_workspace: false,
         }
     }
 }
@@ -141,6 +143,7 @@ impl Config {
             "idle_timeout" => self.idle_timeout = duration(key, value)?,
             "idle_sweep" => self.idle_sweep = duration(key, value)?,
             "turn_timeout" => self.turn_timeout = duration(key, value)?,
+            "trust_workspace" => self.trust_workspace = yes_no(key, value)?,
             _ => return Err(format!("unknown key {key:?}")),
         }
         Ok(())
@@ -161,6 +164,14 @@ fn positive(key: &str, value: &str) -> Result<usize, String> {
     match value.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("{key}: expected a positive integer, not {value:?}")),
+    }
+}
+
+fn yes_no(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "yes" | "true" => Ok(true),
+        "no" | "false" => Ok(false),
+        _ => Err(format!("{key}: expected yes or no, not {value:?}")),
     }
 }
 

@@ -3,5 +3,6 @@
 pub mod channel;
 pub mod config;
 pub mod engine;
+pub mod persist;
 pub mod shell;
 pub mod wire;

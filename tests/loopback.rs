@@ -300,3 +300,82 @@ fn a_huge_body_gets_413_even_while_the_client_is_still_sending() {
     assert_eq!(r.json()["error"]["code"], "body_too_large");
     sender.join().unwrap();
 }
+
+/// The Claude session uuid of the first spawn log line with `flag`.
+fn spawned_with(d: &Daemon, flag: &str) -> Vec<String> {
+    d.log_lines(&format!(" {flag} "))
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn after_a_restart_a_session_resumes_its_claude_session() {
+    let mut d = Daemon::start("restart", "", &[]);
+    assert_eq!(d.client().chat("a", "before restart", false).status, 200);
+    let uuid = spawned_with(&d, "--session-id")[0].clone();
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(), Some(0));
+    let dir = d.dir.clone();
+    drop(d);
+    let d = Daemon::start_in(dir, "", &[]);
+    let r = d.client().chat("a", "after restart", false);
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "echo: after restart"
+    );
+    assert_eq!(spawned_with(&d, "--resume"), vec![uuid]);
+}
+
+#[test]
+fn after_an_idle_kill_a_session_resumes_its_claude_session() {
+    let d = Daemon::start("idle", "idle_timeout = 500ms\nidle_sweep = 200ms", &[]);
+    assert_eq!(d.client().chat("a", "one", false).status, 200);
+    let pid = d.claude_pids()[0];
+    d.wait_log("idle longer than idle_timeout");
+    wait_for("the idle claude to be gone", || {
+        group_members(pid).is_empty().then_some(())
+    });
+    let r = d.client().chat("a", "two", false);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: two");
+    assert_eq!(
+        spawned_with(&d, "--resume"),
+        spawned_with(&d, "--session-id")
+    );
+}
+
+#[test]
+fn max_processes_is_never_exceeded() {
+    let d = Daemon::start("pool", "max_processes = 2", &[]);
+    let live = |d: &Daemon| d.claude_pids().into_iter().filter(|p| alive(*p)).count();
+    for key in ["a", "b", "c", "a", "b"] {
+        let r = d.client().chat(key, &format!("hi from {key}"), false);
+        assert_eq!(
+            r.json()["choices"][0]["message"]["content"],
+            format!("echo: hi from {key}")
+        );
+        assert!(live(&d) <= 2, "more than 2 claudes alive");
+    }
+    assert_eq!(
+        d.claude_pids().len(),
+        5,
+        "each turn past the second evicted the least recently used"
+    );
+}
+
+#[test]
+fn status_shows_processes_with_their_memory() {
+    let d = Daemon::start("status", "", &[]);
+    assert_eq!(d.client().chat("a", "one", false).status, 200);
+    let auth = format!("Bearer {API_KEY}");
+    let r = d
+        .client()
+        .request("GET", "/status", &[("authorization", &auth)], "");
+    let s = r.json();
+    assert_eq!(s["sessions"][0]["key"], "a");
+    assert_eq!(s["processes"][0]["state"], "ready");
+    assert!(
+        s["processes"][0]["rss_kib"].as_u64().is_some_and(|k| k > 0),
+        "{s}"
+    );
+}

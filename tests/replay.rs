@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::*;
-use synthesis::engine::{Input, Output, Signal, SpawnSpec};
+use synthesis::engine::{Input, Output, SessionRecord, Signal, SpawnSpec};
 use synthesis::wire::bridge::ToChannel;
 
 const UUID1: &str = "00000000-0000-4000-8000-000000000001";
@@ -752,4 +752,134 @@ fn models_and_healthz() {
     assert_eq!(response(&out[0]).2["data"][0]["id"], "claude-code");
     let out = s.input(http(1, request("GET", "/healthz", &[], "")));
     assert_eq!(response(&out[0]).1, 200);
+}
+
+#[test]
+fn a_new_session_is_saved_at_once_and_timestamps_at_the_next_sweep() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "hi", false));
+    let record = SessionRecord {
+        key: "a".into(),
+        uuid: UUID1.into(),
+        created: 1_790_000_000,
+        last_used: 1_790_000_000,
+    };
+    assert_eq!(
+        s.saved,
+        vec![vec![record.clone()]],
+        "saved before the process even starts"
+    );
+    s.start_process(1, 7, 100, "t3");
+    s.input(stop_hook(20, "t4", None));
+    s.advance(Duration::from_secs(60));
+    assert_eq!(
+        s.saved.len(),
+        2,
+        "the first turn touched last_used: saved at the sweep"
+    );
+    s.advance(Duration::from_secs(60));
+    assert_eq!(s.saved.len(), 2, "nothing changed: nothing written");
+}
+
+#[test]
+fn restored_sessions_resume_their_claude_session() {
+    let mut s = Script::new(settings());
+    let record = SessionRecord {
+        key: "a".into(),
+        uuid: "known-uuid".into(),
+        created: 1,
+        last_used: 2,
+    };
+    s.engine.restore(vec![record]);
+    assert_eq!(
+        s.input(chat(10, "a", "hi again", false)),
+        vec![spawn_of(1, "known-uuid", "t2", "t3")]
+    );
+    assert!(
+        s.saved.is_empty(),
+        "a known session needs no immediate save"
+    );
+}
+
+#[test]
+fn a_silent_bridge_means_a_dead_channel_and_claude_is_stopped() {
+    let mut st = settings();
+    st.bridge_silence = Duration::from_secs(20);
+    let mut s = Script::new(st);
+    s.input(chat(10, "a", "hi", false));
+    s.start_process(1, 7, 100, "t3");
+    s.advance(Duration::from_secs(15));
+    let beat = Input::BridgeFrame {
+        conn: 100,
+        frame: synthesis::wire::bridge::FromChannel::Heartbeat,
+    };
+    assert!(s.input(beat).is_empty());
+    assert!(
+        s.advance(Duration::from_secs(19)).is_empty(),
+        "the heartbeat reset the clock"
+    );
+    assert_eq!(
+        s.advance(Duration::from_secs(1)),
+        vec![Output::Signal {
+            proc: 1,
+            signal: Signal::Term
+        }]
+    );
+    let out = s.input(Input::Exited {
+        proc: 1,
+        status: "killed by signal 15".into(),
+    });
+    let msg = response(&out[1]).2["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("no heartbeat"), "{msg}");
+}
+
+#[test]
+fn trust_workspace_yes_accepts_the_trust_question() {
+    let mut st = settings();
+    st.trust_workspace = true;
+    let mut s = Script::new(st);
+    s.input(chat(10, "a", "hi", false));
+    s.input(Input::Spawned { proc: 1, pid: 7 });
+    let out = s.input(Input::Terminal {
+        proc: 1,
+        text: "Is this a project you trust?\r\n 1. Yes, I trust this folder\r\n".into(),
+    });
+    assert_eq!(
+        out,
+        vec![Output::WriteTerminal {
+            proc: 1,
+            data: "1".into()
+        }]
+    );
+}
+
+#[test]
+fn status_lists_sessions_and_processes() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "hi", false));
+    s.start_process(1, 7, 100, "t3");
+    s.input(chat(11, "a", "queued", false));
+    s.advance(Duration::from_secs(3));
+    let out = s.input(http(
+        12,
+        request("GET", "/status", &[("authorization", "Bearer key")], ""),
+    ));
+    let Output::Status { conn: 12, report } = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(report.sessions.len(), 1);
+    let sess = &report.sessions[0];
+    assert_eq!(
+        (sess.turn_in_flight, sess.queued, sess.turns, sess.process),
+        (true, 1, 2, Some(1))
+    );
+    let p = &report.processes[0];
+    assert_eq!((p.pid, p.state.as_str(), p.turns), (Some(7), "ready", 1));
+    assert_eq!(
+        response(&s.input(http(13, request("GET", "/status", &[], "")))[0]).1,
+        401
+    );
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::session::{error_response, Answer, Session, Turn};
-use super::{ConnId, Engine, Output};
+use super::{ConnId, Engine, Output, ProcessStatus, SessionStatus, StatusReport};
 use crate::wire::http::{Request, Response};
 use crate::wire::openai::{ApiError, ChatRequest, Completion};
 
@@ -21,6 +21,11 @@ impl Engine {
                 json!({"status": "ok"}).to_string(),
             ))),
             ("GET", "/v1/models") => self.authorize(&req).map(|()| Some(self.models())),
+            ("GET", "/status") => self.authorize(&req).map(|()| {
+                let report = self.status(now);
+                self.push(Output::Status { conn, report });
+                None
+            }),
             ("POST", "/v1/chat/completions") => self
                 .authorize(&req)
                 .and_then(|()| self.chat(now, conn, &req, unix_secs))
@@ -70,6 +75,34 @@ impl Engine {
         }
     }
 
+    fn status(&self, now: Instant) -> StatusReport {
+        let mut sessions: Vec<SessionStatus> = self
+            .sessions
+            .values()
+            .map(|s| SessionStatus {
+                key: s.key.clone(),
+                claude_session: s.uuid.clone(),
+                process: s.proc,
+                turn_in_flight: s.current.is_some(),
+                queued: s.queue.len(),
+                turns: s.turns,
+                last_used: s.last_used,
+            })
+            .collect();
+        sessions.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut processes: Vec<ProcessStatus> = self
+            .procs
+            .iter()
+            .map(|(id, p)| p.status(*id, now))
+            .collect();
+        processes.sort_by_key(|p| p.id);
+        StatusReport {
+            shutting_down: self.shutting_down(),
+            sessions,
+            processes,
+        }
+    }
+
     fn models(&self) -> Response {
         let model = json!({"id": self.settings.model, "object": "model", "created": 0, "owned_by": "synthesis"});
         Response::json(200, json!({"object": "list", "data": [model]}).to_string())
@@ -111,8 +144,10 @@ impl Engine {
         if !self.sessions.contains_key(&key) {
             let uuid = self.ids.uuid();
             log::info!("session {key}: new, claude session {uuid}");
-            self.sessions
-                .insert(key.clone(), Session::new(key.clone(), uuid));
+            let session = Session::new(key.clone(), uuid, unix_secs);
+            self.sessions.insert(key.clone(), session);
+            // Saved at once: a crash must not lose the key → Claude session mapping.
+            self.save_sessions();
         }
         let completion = Completion {
             id: format!("chatcmpl-{}", self.ids.token()),

@@ -124,8 +124,57 @@ pub enum Output {
         proc: ProcId,
         signal: Signal,
     },
+    /// Persist the session map (sent when a session is created, and when timestamps changed).
+    SaveSessions {
+        sessions: Vec<SessionRecord>,
+    },
+    /// Answer `GET /status` after adding each process's RSS.
+    Status {
+        conn: ConnId,
+        report: StatusReport,
+    },
     /// Every process is gone after a shutdown: exit 0.
     Exit,
+}
+
+/// One entry of the persisted session map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub key: String,
+    pub uuid: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub last_used: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub shutting_down: bool,
+    pub sessions: Vec<SessionStatus>,
+    pub processes: Vec<ProcessStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStatus {
+    pub key: String,
+    pub claude_session: String,
+    pub process: Option<ProcId>,
+    pub turn_in_flight: bool,
+    pub queued: usize,
+    pub turns: u64,
+    pub last_used: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    pub id: ProcId,
+    pub session: String,
+    pub pid: Option<u32>,
+    pub state: String,
+    pub idle_secs: u64,
+    pub turns: u64,
+    /// Filled in by the shell from /proc.
+    pub rss_kib: Option<u64>,
 }
 
 /// Where identifiers come from: random in production, a counter in tests.
@@ -176,6 +225,10 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// After an interrupt, how long a late Stop hook is still attributed to the interrupted turn.
     pub settle: Duration,
+    /// A bridge that sends nothing (not even a heartbeat) for this long means a dead channel.
+    pub bridge_silence: Duration,
+    /// Accept Claude Code's workspace-trust question instead of failing.
+    pub trust_workspace: bool,
 }
 
 impl Settings {
@@ -192,6 +245,8 @@ impl Settings {
             stop_grace: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             settle: Duration::from_millis(500),
+            bridge_silence: Duration::from_secs(4 * crate::wire::bridge::HEARTBEAT_SECS),
+            trust_workspace: c.trust_workspace,
         }
     }
 }
@@ -210,6 +265,8 @@ pub struct Engine {
     slot_waiters: VecDeque<String>,
     next_sweep: Instant,
     shutdown: Shutdown,
+    /// Session timestamps changed since the map was last saved.
+    sessions_dirty: bool,
     outputs: VecDeque<Output>,
 }
 
@@ -226,7 +283,15 @@ impl Engine {
             bridges: HashMap::new(),
             slot_waiters: VecDeque::new(),
             shutdown: Shutdown::Running,
+            sessions_dirty: false,
             outputs: VecDeque::new(),
+        }
+    }
+
+    /// Sessions known from an earlier run: their next process resumes their Claude session.
+    pub fn restore(&mut self, records: Vec<SessionRecord>) {
+        for r in records {
+            self.sessions.insert(r.key.clone(), Session::restored(r));
         }
     }
 
@@ -271,6 +336,7 @@ impl Engine {
         match self.shutdown {
             Shutdown::Running if now >= self.next_sweep => {
                 self.sweep_idle(now);
+                self.save_sessions_if_dirty();
                 self.next_sweep = now + self.settings.idle_sweep;
             }
             Shutdown::Draining(deadline) if now >= deadline => self.stop_everything(now),
@@ -313,7 +379,22 @@ impl Engine {
 
     fn maybe_exit(&mut self) {
         if self.shutdown == Shutdown::Stopping && self.procs.is_empty() {
+            self.save_sessions_if_dirty();
             self.push(Output::Exit);
+        }
+    }
+
+    fn save_sessions(&mut self) {
+        let mut sessions: Vec<SessionRecord> =
+            self.sessions.values().map(Session::record).collect();
+        sessions.sort_by(|a, b| a.key.cmp(&b.key));
+        self.sessions_dirty = false;
+        self.push(Output::SaveSessions { sessions });
+    }
+
+    fn save_sessions_if_dirty(&mut self) {
+        if self.sessions_dirty {
+            self.save_sessions();
         }
     }
 

@@ -4,13 +4,15 @@ use std::time::{Duration, Instant};
 
 use super::screen::{Prompt, Screen};
 use super::session::Answer;
-use super::{ConnId, Engine, Output, ProcId, Signal, SpawnSpec};
+use super::{ConnId, Engine, Output, ProcId, ProcessStatus, Signal, SpawnSpec};
 use crate::wire::bridge::{self, FromChannel};
 use crate::wire::openai::ApiError;
 
 /// Pause between seeing the development-channels warning and pressing Enter: the real TUI
 /// drops keys that arrive before it has finished drawing the dialog.
 const CONFIRM_DELAY: Duration = Duration::from_millis(300);
+/// Keys that pick "Yes, I trust this folder" (option 1) on the workspace-trust screen.
+const TRUST_ANSWER: &str = "1";
 /// Terminal lines quoted in error messages.
 const TAIL_LINES: usize = 12;
 
@@ -41,6 +43,10 @@ pub struct Process {
     kill_at: Option<Instant>,
     /// After an interrupt: no delivery before this.
     pub settle_until: Option<Instant>,
+    /// When its bridge last sent anything (heartbeats included).
+    last_heard: Instant,
+    /// `last_heard` + the allowed silence.
+    silent_at: Option<Instant>,
     /// Why synthesis is stopping it, for the turn that is cut short.
     stop_reason: Option<String>,
 }
@@ -53,7 +59,7 @@ impl Process {
                 .into_iter()
                 .chain([self.ready_deadline])
                 .min(),
-            ProcState::Ready => self.settle_until,
+            ProcState::Ready => self.settle_until.into_iter().chain(self.silent_at).min(),
             ProcState::Stopping => self.kill_at,
         }
     }
@@ -62,6 +68,23 @@ impl Process {
     pub fn accepting_bridge(&self, now: Instant) -> Option<ConnId> {
         let settled = self.settle_until.is_none_or(|t| now >= t);
         (self.state == ProcState::Ready && settled).then_some(self.bridge?)
+    }
+
+    pub fn status(&self, id: ProcId, now: Instant) -> ProcessStatus {
+        let state = match self.state {
+            ProcState::Starting => "starting",
+            ProcState::Ready => "ready",
+            ProcState::Stopping => "stopping",
+        };
+        ProcessStatus {
+            id,
+            session: self.session.clone(),
+            pid: self.pid,
+            state: state.into(),
+            idle_secs: now.duration_since(self.idle_since).as_secs(),
+            turns: self.turns,
+            rss_kib: None,
+        }
     }
 
     fn describe(&self) -> String {
@@ -149,6 +172,8 @@ impl Engine {
             dialog_seen: false,
             kill_at: None,
             settle_until: None,
+            last_heard: now,
+            silent_at: None,
             stop_reason: None,
         };
         self.procs.insert(id, proc);
@@ -194,28 +219,56 @@ impl Engine {
         let Some(p) = self.procs.get_mut(&id) else {
             return;
         };
-        for prompt in p.screen.push(text) {
+        let prompts = p.screen.push(text);
+        if p.state != ProcState::Starting {
+            return;
+        }
+        for prompt in prompts {
             match prompt {
-                Prompt::DevChannels if !p.dialog_seen && p.state == ProcState::Starting => {
-                    p.dialog_seen = true;
-                    p.confirm_at = Some(now + CONFIRM_DELAY);
+                Prompt::DevChannels => self.confirm_dev_channels(now, id),
+                Prompt::WorkspaceTrust if self.settings.trust_workspace => {
+                    log::warn!("process {id}: accepting the workspace-trust question (trust_workspace = yes)");
+                    self.push(Output::WriteTerminal {
+                        proc: id,
+                        data: TRUST_ANSWER.into(),
+                    });
                 }
-                Prompt::WorkspaceTrust if p.state == ProcState::Starting => {
+                Prompt::WorkspaceTrust => {
+                    let p = &self.procs[&id];
                     let msg = format!(
                         "claude stopped at the workspace trust question (\"Is this a project you trust?\"); \
-                         run `claude` once in the workspace folder and answer \"Yes, I trust this folder\". {}",
+                         run `claude` once in the workspace folder and answer \"Yes, I trust this folder\", \
+                         or set trust_workspace = yes. {}",
                         p.tail()
                     );
                     log::error!("session {}: {msg}", p.session);
                     self.fail_process(now, id, ApiError::new(502, "workspace_not_trusted", msg));
                     return;
                 }
-                _ => {}
+                Prompt::Interrupted => {}
             }
         }
     }
 
+    /// Enter on the development-channels warning, once, after it has been drawn.
+    fn confirm_dev_channels(&mut self, now: Instant, id: ProcId) {
+        let p = self.procs.get_mut(&id).expect("process");
+        if !p.dialog_seen {
+            p.dialog_seen = true;
+            p.confirm_at = Some(now + CONFIRM_DELAY);
+        }
+    }
+
     pub(super) fn on_bridge_frame(&mut self, now: Instant, conn: ConnId, frame: FromChannel) {
+        let silence = self.settings.bridge_silence;
+        if let Some(p) = self
+            .bridges
+            .get(&conn)
+            .and_then(|id| self.procs.get_mut(id))
+        {
+            p.last_heard = now;
+            p.silent_at = Some(now + silence);
+        }
         match frame {
             FromChannel::Hello { v, token } => self.on_hello(now, conn, v, &token),
             FromChannel::Reply { chat_id, text } => {
@@ -244,6 +297,8 @@ impl Engine {
         };
         p.bridge = Some(conn);
         p.state = ProcState::Ready;
+        p.last_heard = now;
+        p.silent_at = Some(now + self.settings.bridge_silence);
         p.confirm_at = None;
         p.idle_since = now;
         let key = p.session.clone();
@@ -377,6 +432,11 @@ impl Engine {
                     );
                     log::error!("session {}: {msg}", p.session);
                     self.fail_process(now, id, ApiError::new(504, "claude_not_ready", msg));
+                }
+                ProcState::Ready if p.silent_at.is_some_and(|t| now >= t) => {
+                    let secs = now.duration_since(p.last_heard).as_secs();
+                    let why = format!("its channel has sent nothing for {secs} s (no heartbeat)");
+                    self.stop_process(now, id, &why);
                 }
                 ProcState::Ready => {
                     p.settle_until = None;

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::{ConnId, Engine, Output, ProcId};
+use super::{ConnId, Engine, Output, ProcId, SessionRecord};
 use crate::wire::bridge::ToChannel;
 use crate::wire::http::Response;
 use crate::wire::openai::{self, ApiError, Completion};
@@ -22,6 +22,9 @@ pub struct Session {
     pub turns: u64,
     /// Waiting in `Engine::slot_waiters` for a process slot.
     pub wants_slot: bool,
+    /// Unix seconds.
+    pub created: u64,
+    pub last_used: u64,
 }
 
 pub struct Turn {
@@ -39,7 +42,7 @@ pub struct Turn {
 }
 
 impl Session {
-    pub fn new(key: String, uuid: String) -> Self {
+    pub fn new(key: String, uuid: String, unix_secs: u64) -> Self {
         Session {
             key,
             uuid,
@@ -48,6 +51,23 @@ impl Session {
             queue: VecDeque::new(),
             turns: 0,
             wants_slot: false,
+            created: unix_secs,
+            last_used: unix_secs,
+        }
+    }
+
+    pub fn restored(r: SessionRecord) -> Self {
+        let mut s = Session::new(r.key, r.uuid, r.created);
+        s.last_used = r.last_used;
+        s
+    }
+
+    pub fn record(&self) -> SessionRecord {
+        SessionRecord {
+            key: self.key.clone(),
+            uuid: self.uuid.clone(),
+            created: self.created,
+            last_used: self.last_used,
         }
     }
 
@@ -89,6 +109,8 @@ impl Engine {
         self.ensure_process(now, key)?;
         let session = self.sessions.get_mut(key).expect("session exists");
         session.turns += 1;
+        session.last_used = turn.completion.created;
+        self.sessions_dirty = true;
         turn.chat_id = format!("chat-{}", session.turns);
         let (conn, stream, role) = (turn.conn, turn.stream, openai::role_chunk(&turn.completion));
         session.queue.push_back(turn);

@@ -91,11 +91,21 @@ impl Shell {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGCHLD])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let engine = Engine::new(
+        let mut engine = Engine::new(
             Settings::from_config(&config),
             Box::new(RandomIds),
             Instant::now(),
         );
+        let unix_secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let known = crate::persist::load(&config.state_dir, unix_secs);
+        log::info!(
+            "{} known sessions in {}",
+            known.len(),
+            crate::persist::path(&config.state_dir).display()
+        );
+        engine.restore(known);
         log::info!(
             "synthesis listening on http://{addr} (workspace {})",
             workspace.display()
@@ -196,6 +206,23 @@ impl Shell {
                     // SAFETY: plain kill(2) on a group we created.
                     unsafe { libc::kill(-(child.pid as libc::pid_t), sig) };
                 }
+            }
+            Output::SaveSessions { sessions } => {
+                if let Err(e) = crate::persist::save(&self.config.state_dir, &sessions) {
+                    log::error!(
+                        "cannot save the session map in {}: {e}",
+                        self.config.state_dir.display()
+                    );
+                }
+            }
+            Output::Status { conn, mut report } => {
+                for p in &mut report.processes {
+                    p.rss_kib = p.pid.and_then(rss_kib);
+                }
+                let body = serde_json::to_string_pretty(&report).expect("status serialises");
+                self.with_http(conn, |c| {
+                    c.respond(&crate::wire::http::Response::json(200, body))
+                });
             }
             Output::Exit => self.exit = true,
         }
@@ -354,6 +381,16 @@ impl Shell {
             projects_dir: home().join(".claude").join("projects"),
         };
         let tmpdir = self.config.state_dir.join("tmp").join(proc.to_string());
+        let flag = if launch.resumes(&spec.session_uuid) {
+            "--resume"
+        } else {
+            "--session-id"
+        };
+        log::info!(
+            "process {proc}: starting {} {flag} {}",
+            self.config.claude_command,
+            spec.session_uuid
+        );
         match launch.spawn(spec, &tmpdir) {
             Ok((pid, master)) => {
                 let token = Token(self.next_token);
@@ -459,6 +496,13 @@ fn describe_status(status: i32) -> String {
     } else {
         format!("wait status {status}")
     }
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn home() -> PathBuf {

@@ -6,7 +6,7 @@ pub mod daemon;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use synthesis::engine::{CounterIds, Engine, Input, Output, Settings};
+use synthesis::engine::{CounterIds, Engine, Input, Output, SessionRecord, Settings};
 use synthesis::wire::bridge::FromChannel;
 use synthesis::wire::http::Request;
 
@@ -25,6 +25,8 @@ pub fn settings() -> Settings {
         stop_grace: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(10),
         settle: Duration::from_millis(500),
+        bridge_silence: Duration::from_secs(3600),
+        trust_workspace: false,
     }
 }
 
@@ -32,6 +34,8 @@ pub struct Script {
     pub engine: Engine,
     pub start: Instant,
     pub now: Instant,
+    /// Every `SaveSessions` output, kept apart so the other tests read as plain scripts.
+    pub saved: Vec<Vec<SessionRecord>>,
 }
 
 impl Script {
@@ -41,6 +45,7 @@ impl Script {
             engine: Engine::new(settings, Box::new(CounterIds::default()), start),
             start,
             now: start,
+            saved: Vec::new(),
         }
     }
 
@@ -51,7 +56,14 @@ impl Script {
     }
 
     fn drain(&mut self) -> Vec<Output> {
-        std::iter::from_fn(|| self.engine.poll_output()).collect()
+        let mut out = Vec::new();
+        while let Some(o) = self.engine.poll_output() {
+            match o {
+                Output::SaveSessions { sessions } => self.saved.push(sessions),
+                o => out.push(o),
+            }
+        }
+        out
     }
 
     /// Move the clock forward by `d`, firing every deadline on the way, as the shell would.
