@@ -143,7 +143,7 @@ impl Shell {
                 match event.token() {
                     LISTENER => self.accept(),
                     SIGNALS => self.on_signals(),
-                    token => self.on_ready(token, event.is_writable()),
+                    token => self.on_ready(token),
                 }
             }
             if self
@@ -280,16 +280,15 @@ impl Shell {
         }
     }
 
-    fn on_ready(&mut self, token: Token, writable: bool) {
+    fn on_ready(&mut self, token: Token) {
         match self.sources.get_mut(&token) {
             Some(Source::Http(c)) => {
                 let events = c.on_readable(self.config.max_body);
                 for ev in events {
                     self.on_http_event(token, ev);
                 }
-                if writable {
-                    self.flush_http(token);
-                }
+                // Reading may have produced an answer (a framing error) with no writable edge to come.
+                self.flush_http(token);
             }
             Some(Source::Bridge(b)) => {
                 for ev in b.on_readable() {
