@@ -13,19 +13,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().expect("numbers"))
-        .collect();
+    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("numbers")).collect();
     let sessions = args.first().copied().unwrap_or(50);
     let turns = args.get(1).copied().unwrap_or(100);
-    let bin_dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let bin_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
     let dir = std::env::temp_dir().join(format!("synthesis-bench-{}", std::process::id()));
     for sub in ["home", "ws", "state"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -49,16 +40,12 @@ fn main() {
     let pid = daemon.id();
 
     let t = Instant::now();
-    let warm: Vec<_> = (0..sessions)
-        .map(|s| std::thread::spawn(move || Client::new(port).turn(s, "warm up")))
-        .collect();
+    let warm: Vec<_> =
+        (0..sessions).map(|s| std::thread::spawn(move || Client::new(port).turn(s, "warm up"))).collect();
     warm.into_iter().for_each(|h| {
         h.join().unwrap();
     });
-    println!(
-        "{sessions} sessions started (one claude each) in {:.2?}",
-        t.elapsed()
-    );
+    println!("{sessions} sessions started (one claude each) in {:.2?}", t.elapsed());
     let cpu_before = cpu_time(pid);
 
     let t = Instant::now();
@@ -66,48 +53,25 @@ fn main() {
         .map(|s| {
             std::thread::spawn(move || {
                 let mut c = Client::new(port);
-                (0..turns)
-                    .map(|i| c.turn(s, &format!("turn {i} of session {s}")))
-                    .collect::<Vec<Duration>>()
+                (0..turns).map(|i| c.turn(s, &format!("turn {i} of session {s}"))).collect::<Vec<Duration>>()
             })
         })
         .collect();
-    let mut lat: Vec<Duration> = workers
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect();
+    let mut lat: Vec<Duration> = workers.into_iter().flat_map(|h| h.join().unwrap()).collect();
     let wall = t.elapsed();
     let cpu = cpu_time(pid) - cpu_before;
     lat.sort();
     let total = lat.len();
     let pct = |p: f64| lat[((total as f64 * p) as usize).min(total - 1)];
-    println!(
-        "{total} turns in {wall:.2?}: {:.0} turns/s",
-        total as f64 / wall.as_secs_f64()
-    );
-    println!(
-        "turn latency p50 {:.2?}  p99 {:.2?}  max {:.2?}",
-        pct(0.50),
-        pct(0.99),
-        lat[total - 1]
-    );
-    println!(
-        "synthesis CPU {:.2?} in all = {:.1} µs per turn",
-        cpu,
-        cpu.as_secs_f64() * 1e6 / total as f64
-    );
-    println!(
-        "synthesis RSS with {sessions} live sessions: {} KiB",
-        rss_kib(pid)
-    );
+    println!("{total} turns in {wall:.2?}: {:.0} turns/s", total as f64 / wall.as_secs_f64());
+    println!("turn latency p50 {:.2?}  p99 {:.2?}  max {:.2?}", pct(0.50), pct(0.99), lat[total - 1]);
+    println!("synthesis CPU {:.2?} in all = {:.1} µs per turn", cpu, cpu.as_secs_f64() * 1e6 / total as f64);
+    println!("synthesis RSS with {sessions} live sessions: {} KiB", rss_kib(pid));
 
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let t = Instant::now();
     let status = daemon.wait().unwrap();
-    println!(
-        "SIGTERM to exit with {sessions} claudes: {:.2?} ({status})",
-        t.elapsed()
-    );
+    println!("SIGTERM to exit with {sessions} claudes: {:.2?} ({status})", t.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -126,12 +90,7 @@ fn listening_port(stderr: std::process::ChildStderr) -> u16 {
 
 fn proc_stat(pid: u32) -> Vec<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    stat.rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .map(String::from)
-        .collect()
+    stat.rsplit(')').next().unwrap().split_whitespace().map(String::from).collect()
 }
 
 /// utime + stime of the synthesis process.
@@ -156,9 +115,7 @@ impl Client {
     fn new(port: u16) -> Self {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_nodelay(true).unwrap();
-        Client {
-            stream: BufReader::new(s),
-        }
+        Client { stream: BufReader::new(s) }
     }
 
     /// One non-streamed turn; returns its latency.

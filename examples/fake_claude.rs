@@ -12,6 +12,7 @@
 //!   `silent`        → end the turn without `reply` (last_assistant_message `silent-answer`)
 //! Messages that arrive during a turn are merged into the next turn, as claude does.
 //! Environment: `FAKE_CLAUDE_LOG=<path>` appends each channel notification as a JSON line;
+//! `FAKE_CLAUDE_DROP_FIRST=1` drops the first notification (claude's registration race);
 //! `FAKE_CLAUDE_SCREEN=hang` never shows the dialog, `=trust` shows the workspace-trust screen.
 
 use std::collections::HashMap;
@@ -36,19 +37,17 @@ struct Fake {
     /// Killed with our process group; never waited for, as claude exits first.
     _channel: Child,
     next_id: u64,
-    stop_hook: Option<(String, HashMap<String, String>)>,
+    settings: Value,
+    /// Drop the first channel notification, as claude does when one arrives before it has
+    /// registered the channel (`FAKE_CLAUDE_DROP_FIRST=1`).
+    drop_next: bool,
     /// Channel notifications waiting for a turn.
     inbox: Vec<(String, String)>,
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     if unsafe { libc::isatty(1) } == 0 {
         fail("Error: Input must be provided either through stdin or as a prompt argument when using --print");
     }
@@ -81,23 +80,18 @@ fn main() {
         print!("\x1b[2J\x1b[H> \r\n");
         flush();
     }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&session_file)
-        .expect("session file");
-    let mcp: Value =
-        serde_json::from_str(&flag("--mcp-config").unwrap_or_else(|| fail("no --mcp-config")))
-            .unwrap_or_else(|_| fail("bad --mcp-config"));
-    let settings: Value =
-        flag("--settings").map_or(Value::Null, |s| serde_json::from_str(&s).expect("settings"));
+    std::fs::OpenOptions::new().create(true).append(true).open(&session_file).expect("session file");
+    let mcp: Value = serde_json::from_str(&flag("--mcp-config").unwrap_or_else(|| fail("no --mcp-config")))
+        .unwrap_or_else(|_| fail("bad --mcp-config"));
+    let settings: Value = flag("--settings").map_or(Value::Null, |s| serde_json::from_str(&s).expect("settings"));
     let (channel_child, to_channel) = start_channel(&mcp, tx);
     let mut fake = Fake {
         events,
         to_channel,
         _channel: channel_child,
         next_id: 0,
-        stop_hook: stop_hook(&settings),
+        settings,
+        drop_next: std::env::var("FAKE_CLAUDE_DROP_FIRST").is_ok(),
         inbox: Vec::new(),
     };
     fake.handshake();
@@ -116,14 +110,9 @@ fn flush() {
 /// `--session-id` must be new, `--resume` must exist; both name `<uuid>.jsonl` under the project.
 fn session_file(new: Option<String>, resume: Option<String>) -> PathBuf {
     let cwd = std::env::current_dir().unwrap();
-    let project: String = cwd
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let dir = PathBuf::from(std::env::var("HOME").unwrap())
-        .join(".claude/projects")
-        .join(project);
+    let project: String =
+        cwd.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let dir = PathBuf::from(std::env::var("HOME").unwrap()).join(".claude/projects").join(project);
     std::fs::create_dir_all(&dir).unwrap();
     match (new, resume) {
         (Some(id), None) if dir.join(format!("{id}.jsonl")).exists() => {
@@ -177,12 +166,7 @@ fn start_channel(mcp: &Value, tx: Sender<Event>) -> (Child, ChildStdin) {
     for (k, v) in server["env"].as_object().into_iter().flatten() {
         cmd.env(k, v.as_str().unwrap());
     }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("channel");
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("channel");
     let out = child.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
@@ -197,9 +181,11 @@ fn start_channel(mcp: &Value, tx: Sender<Event>) -> (Child, ChildStdin) {
     (child, stdin)
 }
 
-/// The hook URL and headers (with `$VAR`s from `allowedEnvVars` expanded) of `Stop`.
-fn stop_hook(settings: &Value) -> Option<(String, HashMap<String, String>)> {
-    let hook = &settings["hooks"]["Stop"][0]["hooks"][0];
+/// An HTTP hook: its URL and headers (with `$VAR`s from `allowedEnvVars` expanded).
+type Hook = (String, HashMap<String, String>);
+
+fn http_hook(settings: &Value, event: &str) -> Option<Hook> {
+    let hook = &settings["hooks"][event][0]["hooks"][0];
     let url = hook["url"].as_str()?.to_string();
     let mut headers = HashMap::new();
     for (k, v) in hook["headers"].as_object().into_iter().flatten() {
@@ -238,22 +224,12 @@ impl Fake {
 
     fn handshake(&mut self) {
         let discover = self.request("server/discover", json!({}));
-        assert_eq!(
-            discover["error"]["code"], -32601,
-            "server/discover must fail"
-        );
+        assert_eq!(discover["error"]["code"], -32601, "server/discover must fail");
         let init = self.request("initialize", json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "fake-claude", "version": "0"}}));
-        assert!(
-            init["result"]["capabilities"]["experimental"]["claude/channel"].is_object(),
-            "not a channel: {init}"
-        );
+        assert!(init["result"]["capabilities"]["experimental"]["claude/channel"].is_object(), "not a channel: {init}");
         self.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
         let tools = self.request("tools/list", json!({}));
-        assert!(tools["result"]["tools"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|t| t["name"] == "reply"));
+        assert!(tools["result"]["tools"].as_array().unwrap().iter().any(|t| t["name"] == "reply"));
     }
 
     /// Remember a channel notification for the next turn (and log it).
@@ -262,17 +238,15 @@ impl Fake {
             return;
         }
         let p = &v["params"];
+        if std::mem::take(&mut self.drop_next) {
+            return;
+        }
         if let Ok(path) = std::env::var("FAKE_CLAUDE_LOG") {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .unwrap();
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
             writeln!(f, "{}", json!({"content": p["content"], "meta": p["meta"]})).unwrap();
         }
         let chat_id = p["meta"]["chat_id"].as_str().unwrap_or("").to_string();
-        self.inbox
-            .push((chat_id, p["content"].as_str().unwrap_or("").to_string()));
+        self.inbox.push((chat_id, p["content"].as_str().unwrap_or("").to_string()));
     }
 
     fn serve(&mut self) {
@@ -286,17 +260,15 @@ impl Fake {
                 // Everything queued so far becomes one turn, as in the real CLI.
                 let msgs = std::mem::take(&mut self.inbox);
                 let chat_id = msgs.last().unwrap().0.clone();
-                let text = msgs
-                    .into_iter()
-                    .map(|(_, t)| t)
-                    .collect::<Vec<_>>()
-                    .join("\n");
+                let text = msgs.into_iter().map(|(_, t)| t).collect::<Vec<_>>().join("\n");
                 self.turn(&chat_id, &text);
             }
         }
     }
 
     fn turn(&mut self, chat_id: &str, text: &str) {
+        let prompt = format!("<channel source=\"synthesis\" chat_id=\"{chat_id}\">\n{text}\n</channel>");
+        self.call_hook("UserPromptSubmit", json!({"prompt": prompt}));
         let script = text.trim();
         let last = if script == "crash" {
             print!("crashing as scripted\r\n");
@@ -305,10 +277,7 @@ impl Fake {
         } else if script == "silent" {
             "silent-answer".to_string()
         } else {
-            if let Some(secs) = script
-                .strip_prefix("sleep ")
-                .and_then(|s| s.trim().parse::<f64>().ok())
-            {
+            if let Some(secs) = script.strip_prefix("sleep ").and_then(|s| s.trim().parse::<f64>().ok()) {
                 if !self.sleep(Duration::from_secs_f64(secs)) {
                     print!("  ⎿  Interrupted · What should Claude do instead?\r\n");
                     flush();
@@ -320,17 +289,14 @@ impl Fake {
             assert_eq!(r["result"]["content"][0]["text"], "sent");
             "Replied.".to_string()
         };
-        self.call_stop_hook(&last);
+        self.call_hook("Stop", json!({"last_assistant_message": last}));
     }
 
     /// Sleep unless one ESC arrives; false when interrupted.
     fn sleep(&mut self, d: Duration) -> bool {
         let end = Instant::now() + d;
         loop {
-            match self
-                .events
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
+            match self.events.recv_timeout(end.saturating_duration_since(Instant::now())) {
                 Ok(Event::Key(0x1b)) => return false,
                 Ok(Event::Mcp(v)) => self.note(v),
                 Ok(Event::Key(_)) => {}
@@ -341,15 +307,20 @@ impl Fake {
         }
     }
 
-    fn call_stop_hook(&self, last: &str) {
-        let Some((url, headers)) = &self.stop_hook else {
-            return;
-        };
+    /// Call the HTTP hook for `event` with the common fields plus `fields`; like claude,
+    /// wait for its answer before going on.
+    fn call_hook(&self, event: &str, mut body: Value) {
+        let Some((url, headers)) = http_hook(&self.settings, event) else { return };
         let rest = url.strip_prefix("http://").expect("http hook");
         let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        let body = json!({"session_id": "fake", "transcript_path": "/dev/null", "cwd": ".", "hook_event_name": "Stop", "last_assistant_message": last}).to_string();
+        for (k, v) in
+            [("session_id", "fake"), ("transcript_path", "/dev/null"), ("cwd", "."), ("hook_event_name", event)]
+        {
+            body[k] = json!(v);
+        }
+        let body = body.to_string();
         let mut req = format!("POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
-        for (k, v) in headers {
+        for (k, v) in &headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str("\r\n");

@@ -17,7 +17,11 @@ use crate::wire::mcp;
 const STDIN: Token = Token(0);
 const BRIDGE: Token = Token(1);
 
+/// From `notifications/initialized` to `hello` (see `on_mcp`).
+const HELLO_DELAY: Duration = Duration::from_millis(300);
+
 struct Channel {
+    hello_at: Option<Instant>,
     poll: Poll,
     url: String,
     token: String,
@@ -30,36 +34,20 @@ pub fn run() -> Result<(), String> {
     // Die with claude even if it forgets to close our stdin.
     // SAFETY: prctl with constant arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
-    let url = std::env::var(bridge::ENV_URL)
-        .map_err(|_| format!("{} is not set: run by synthesis only", bridge::ENV_URL))?;
-    let token = std::env::var(bridge::ENV_TOKEN)
-        .map_err(|_| format!("{} is not set", bridge::ENV_TOKEN))?;
+    let url =
+        std::env::var(bridge::ENV_URL).map_err(|_| format!("{} is not set: run by synthesis only", bridge::ENV_URL))?;
+    let token = std::env::var(bridge::ENV_TOKEN).map_err(|_| format!("{} is not set", bridge::ENV_TOKEN))?;
     let poll = Poll::new().map_err(|e| e.to_string())?;
     let stdin = io::stdin().as_raw_fd();
     set_nonblocking(stdin).map_err(|e| e.to_string())?;
-    poll.registry()
-        .register(&mut SourceFd(&stdin), STDIN, Interest::READABLE)
-        .map_err(|e| e.to_string())?;
-    let mut channel = Channel {
-        poll,
-        url,
-        token,
-        bridge: None,
-        stdin_buf: Vec::new(),
-        done: false,
-    };
+    poll.registry().register(&mut SourceFd(&stdin), STDIN, Interest::READABLE).map_err(|e| e.to_string())?;
+    let mut channel = Channel { hello_at: None, poll, url, token, bridge: None, stdin_buf: Vec::new(), done: false };
     channel.run().map_err(|e| format!("channel: {e}"))
 }
 
 fn set_nonblocking(fd: i32) -> io::Result<()> {
     // SAFETY: fcntl on an fd we hold.
-    let rc = unsafe {
-        libc::fcntl(
-            fd,
-            libc::F_SETFL,
-            libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
-        )
-    };
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -72,7 +60,8 @@ impl Channel {
         let heartbeat = Duration::from_secs(bridge::HEARTBEAT_SECS);
         let mut next_beat = Instant::now() + heartbeat;
         while !self.done {
-            let timeout = next_beat.saturating_duration_since(Instant::now());
+            let wake = self.hello_at.map_or(next_beat, |h| h.min(next_beat));
+            let timeout = wake.saturating_duration_since(Instant::now());
             match self.poll.poll(&mut events, Some(timeout)) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => r?,
@@ -82,6 +71,10 @@ impl Channel {
                     STDIN => self.read_stdin()?,
                     _ => self.read_bridge(),
                 }
+            }
+            if self.hello_at.is_some_and(|t| Instant::now() >= t) {
+                self.hello_at = None;
+                self.connect_bridge()?;
             }
             if Instant::now() >= next_beat {
                 self.send(&FromChannel::Heartbeat);
@@ -118,10 +111,17 @@ impl Channel {
 
     fn on_mcp(&mut self, msg: &Value) -> io::Result<()> {
         let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
+        if let Ok(path) = std::env::var("SYNTHESIS_CHANNEL_TRACE") {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            writeln!(f, "{t} {msg}")?;
+        }
         let params = msg.get("params").cloned().unwrap_or(Value::Null);
         let Some(id) = msg.get("id") else {
             if method == "notifications/initialized" {
-                self.connect_bridge()?;
+                // Claude registers the channel's notification handler a few ms after this, with
+                // no sign on the wire; messages before that are dropped. Say hello a little later.
+                self.hello_at = Some(Instant::now() + HELLO_DELAY);
             }
             return Ok(()); // other notifications need no answer
         };
@@ -134,11 +134,7 @@ impl Channel {
             "tools/call" => mcp::response(id, self.call_tool(&params)),
             "ping" => mcp::response(id, json!({})),
             // Includes `server/discover`, which must fail for Claude Code to go on to `initialize`.
-            _ => mcp::error(
-                id,
-                mcp::METHOD_NOT_FOUND,
-                &format!("method not found: {method}"),
-            ),
+            _ => mcp::error(id, mcp::METHOD_NOT_FOUND, &format!("method not found: {method}")),
         };
         write_line(&answer)
     }
@@ -146,18 +142,10 @@ impl Channel {
     fn call_tool(&mut self, params: &Value) -> Value {
         let name = params.get("name").and_then(Value::as_str).unwrap_or("");
         let args = params.get("arguments").cloned().unwrap_or(Value::Null);
-        let arg = |k: &str| {
-            args.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string()
-        };
+        let arg = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or("").to_string();
         match name {
             "reply" => {
-                self.send(&FromChannel::Reply {
-                    chat_id: arg("chat_id"),
-                    text: arg("text"),
-                });
+                self.send(&FromChannel::Reply { chat_id: arg("chat_id"), text: arg("text") });
                 mcp::tool_text("sent", false)
             }
             _ => mcp::tool_text(&format!("unknown tool {name}"), true),
@@ -169,27 +157,15 @@ impl Channel {
         if self.bridge.is_some() {
             return Ok(());
         }
-        let addr = self
-            .url
-            .trim_start_matches("ws://")
-            .split('/')
-            .next()
-            .unwrap_or("")
-            .to_string();
+        let addr = self.url.trim_start_matches("ws://").split('/').next().unwrap_or("").to_string();
         let stream = TcpStream::connect(&addr)?;
-        let (ws, _) = tungstenite::client(self.url.as_str(), stream)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let (ws, _) = tungstenite::client(self.url.as_str(), stream).map_err(|e| io::Error::other(e.to_string()))?;
         let fd = ws.get_ref().as_raw_fd();
         ws.get_ref().set_nonblocking(true)?;
-        self.poll
-            .registry()
-            .register(&mut SourceFd(&fd), BRIDGE, Interest::READABLE)?;
+        self.poll.registry().register(&mut SourceFd(&fd), BRIDGE, Interest::READABLE)?;
         self.bridge = Some(ws);
         let token = self.token.clone();
-        self.send(&FromChannel::Hello {
-            v: bridge::VERSION,
-            token,
-        });
+        self.send(&FromChannel::Hello { v: bridge::VERSION, token });
         Ok(())
     }
 

@@ -69,14 +69,7 @@ const KEYS: &[&str] = &[
     "turn_timeout",
 ];
 
-const PERMISSION_MODES: &[&str] = &[
-    "default",
-    "acceptEdits",
-    "auto",
-    "bypassPermissions",
-    "dontAsk",
-    "plan",
-];
+const PERMISSION_MODES: &[&str] = &["default", "acceptEdits", "auto", "bypassPermissions", "dontAsk", "plan"];
 
 impl Config {
     /// Parse a config file's text, then apply `SYNTHESIS_<KEY>` overrides from `env`.
@@ -87,16 +80,12 @@ impl Config {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (key, value) = line
-                .split_once('=')
-                .ok_or_else(|| format!("line {}: expected `key = value`", n + 1))?;
-            cfg.set(key.trim(), value.trim())
-                .map_err(|e| format!("line {}: {e}", n + 1))?;
+            let (key, value) = line.split_once('=').ok_or_else(|| format!("line {}: expected `key = value`", n + 1))?;
+            cfg.set(key.trim(), value.trim()).map_err(|e| format!("line {}: {e}", n + 1))?;
         }
         for key in KEYS {
             if let Some(value) = env(&format!("SYNTHESIS_{}", key.to_ascii_uppercase())) {
-                cfg.set(key, value.trim())
-                    .map_err(|e| format!("SYNTHESIS_{}: {e}", key.to_ascii_uppercase()))?;
+                cfg.set(key, value.trim()).map_err(|e| format!("SYNTHESIS_{}: {e}", key.to_ascii_uppercase()))?;
             }
         }
         cfg.validate()?;
@@ -108,29 +97,20 @@ impl Config {
             Some(p) => std::fs::read_to_string(p).map_err(|e| format!("cannot read {p}: {e}"))?,
             None => String::new(),
         };
-        Config::parse(&text, |k| std::env::var(k).ok())
-            .map_err(|e| format!("{}: {e}", path.unwrap_or("environment")))
+        Config::parse(&text, |k| std::env::var(k).ok()).map_err(|e| format!("{}: {e}", path.unwrap_or("environment")))
     }
 
     fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         match key {
-            "listen" => {
-                self.listen = value
-                    .parse()
-                    .map_err(|_| format!("listen: not an address: {value:?}"))?
-            }
+            "listen" => self.listen = value.parse().map_err(|_| format!("listen: not an address: {value:?}"))?,
             "api_key" => self.api_key = (!value.is_empty()).then(|| value.to_string()),
             "state_dir" => self.state_dir = PathBuf::from(value),
             "workspace" => self.workspace = PathBuf::from(value),
             "claude_command" => self.claude_command = value.to_string(),
-            "claude_args" => {
-                self.claude_args = value.split_whitespace().map(String::from).collect()
-            }
+            "claude_args" => self.claude_args = value.split_whitespace().map(String::from).collect(),
             "permission_mode" => {
                 if !PERMISSION_MODES.contains(&value) {
-                    return Err(format!(
-                        "permission_mode: one of {PERMISSION_MODES:?}, not {value:?}"
-                    ));
+                    return Err(format!("permission_mode: one of {PERMISSION_MODES:?}, not {value:?}"));
                 }
                 self.permission_mode = value.to_string();
             }
@@ -177,13 +157,9 @@ fn yes_no(key: &str, value: &str) -> Result<bool, String> {
 
 /// `500ms`, `15s`, `30m`, `2h`; a bare number is seconds.
 fn duration(key: &str, value: &str) -> Result<Duration, String> {
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
     let (num, unit) = value.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{key}: expected a duration like 15s, not {value:?}"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{key}: expected a duration like 15s, not {value:?}"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
@@ -215,30 +191,21 @@ mod tests {
 
     #[test]
     fn errors_name_the_line() {
-        assert_eq!(
-            parse("\nbogus = 1").unwrap_err(),
-            "line 2: unknown key \"bogus\""
-        );
-        assert!(parse("ready_timeout = 5 parsecs")
-            .unwrap_err()
-            .starts_with("line 1: ready_timeout"));
+        assert_eq!(parse("\nbogus = 1").unwrap_err(), "line 2: unknown key \"bogus\"");
+        assert!(parse("ready_timeout = 5 parsecs").unwrap_err().starts_with("line 1: ready_timeout"));
         assert!(parse("max_processes = 0").is_err());
         assert!(parse("just words").unwrap_err().contains("line 1"));
     }
 
     #[test]
     fn environment_overrides_the_file() {
-        let c = Config::parse("max_processes = 3", |k| {
-            (k == "SYNTHESIS_MAX_PROCESSES").then(|| "5".into())
-        });
+        let c = Config::parse("max_processes = 3", |k| (k == "SYNTHESIS_MAX_PROCESSES").then(|| "5".into()));
         assert_eq!(c.unwrap().max_processes, 5);
     }
 
     #[test]
     fn refuses_a_public_listener_without_api_key() {
-        assert!(parse("listen = 0.0.0.0:8787")
-            .unwrap_err()
-            .contains("api_key"));
+        assert!(parse("listen = 0.0.0.0:8787").unwrap_err().contains("api_key"));
         assert!(parse("listen = 0.0.0.0:8787\napi_key = k").is_ok());
     }
 

@@ -31,10 +31,7 @@ pub fn load(state_dir: &Path, unix_secs: u64) -> Vec<SessionRecord> {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => {
-            log::error!(
-                "cannot read {}: {e}; starting with no sessions",
-                path.display()
-            );
+            log::error!("cannot read {}: {e}; starting with no sessions", path.display());
             return Vec::new();
         }
     };
@@ -64,16 +61,8 @@ fn set_aside(path: &Path, unix_secs: u64, why: &str) -> Vec<SessionRecord> {
 pub fn save(state_dir: &Path, sessions: &[SessionRecord]) -> io::Result<()> {
     let path = path(state_dir);
     let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(&SessionFile {
-        version: VERSION,
-        sessions: sessions.to_vec(),
-    })?;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let body = serde_json::to_vec_pretty(&SessionFile { version: VERSION, sessions: sessions.to_vec() })?;
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(&body)?;
     f.sync_all()?;
     fs::rename(&tmp, &path)?;
@@ -85,8 +74,7 @@ mod tests {
     use super::*;
 
     fn dir(name: &str) -> PathBuf {
-        let d =
-            std::env::temp_dir().join(format!("synthesis-persist-{name}-{}", std::process::id()));
+        let d = std::env::temp_dir().join(format!("synthesis-persist-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
@@ -96,18 +84,10 @@ mod tests {
     fn round_trip_with_private_mode() {
         use std::os::unix::fs::PermissionsExt;
         let d = dir("rt");
-        let recs = vec![SessionRecord {
-            key: "k".into(),
-            uuid: "u".into(),
-            created: 1,
-            last_used: 2,
-        }];
+        let recs = vec![SessionRecord { key: "k".into(), uuid: "u".into(), created: 1, last_used: 2 }];
         save(&d, &recs).unwrap();
         assert_eq!(load(&d, 0), recs);
-        assert_eq!(
-            fs::metadata(path(&d)).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(path(&d)).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(!path(&d).with_extension("json.tmp").exists());
     }
 
@@ -117,10 +97,7 @@ mod tests {
         fs::write(path(&d), "{half a file").unwrap();
         assert!(load(&d, 77).is_empty());
         assert!(!path(&d).exists());
-        assert_eq!(
-            fs::read_to_string(d.join("sessions.json.corrupt-77")).unwrap(),
-            "{half a file"
-        );
+        assert_eq!(fs::read_to_string(d.join("sessions.json.corrupt-77")).unwrap(), "{half a file");
     }
 
     #[test]

@@ -12,51 +12,26 @@ fn json_and_streamed_turns_two_sessions_and_process_reuse() {
     let mut c = d.client();
     let r = c.chat("alice", "hello there", false);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        r.json()["choices"][0]["message"]["content"],
-        "echo: hello there"
-    );
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: hello there");
 
     let r = c.chat("alice", "second turn", true);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("text/event-stream"));
     let events = r.events();
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks: Vec<serde_json::Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text, "echo: second turn");
-    assert!(chunks
-        .iter()
-        .any(|c| c["choices"][0]["finish_reason"] == "stop"));
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "stop"));
     assert!(chunks.last().unwrap()["usage"].is_object());
-    assert_eq!(
-        d.log_lines("spawning process").len(),
-        1,
-        "alice's second turn reused her claude"
-    );
+    assert_eq!(d.log_lines("spawning process").len(), 1, "alice's second turn reused her claude");
 
     let r = Client::connect(d.port).chat("bob", "hi from bob", false);
-    assert_eq!(
-        r.json()["choices"][0]["message"]["content"],
-        "echo: hi from bob"
-    );
-    assert_eq!(
-        d.claude_pids().len(),
-        2,
-        "two sessions, two claude processes"
-    );
-    let delivered: Vec<String> = d
-        .delivered()
-        .iter()
-        .map(|v| v["content"].as_str().unwrap().to_string())
-        .collect();
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: hi from bob");
+    assert_eq!(d.claude_pids().len(), 2, "two sessions, two claude processes");
+    let delivered: Vec<String> = d.delivered().iter().map(|v| v["content"].as_str().unwrap().to_string()).collect();
     assert_eq!(delivered, ["hello there", "second turn", "hi from bob"]);
 }
 
@@ -70,33 +45,10 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let good = r#"{"messages":[{"role":"user","content":"x"}]}"#;
     let mut c = d.client();
     let cases: [Case; 5] = [
-        (
-            &[("x-session-affinity", "s")],
-            "/v1/chat/completions",
-            good,
-            401,
-        ),
-        (
-            &[
-                ("authorization", "Bearer wrong"),
-                ("x-session-affinity", "s"),
-            ],
-            "/v1/chat/completions",
-            good,
-            401,
-        ),
-        (
-            &[("authorization", &auth), ("x-session-affinity", "s")],
-            "/v1/chat/completions",
-            "{oops",
-            400,
-        ),
-        (
-            &[("authorization", &auth), ("x-session-affinity", "s")],
-            "/v1/chat/completions",
-            r#"{"model":"m"}"#,
-            400,
-        ),
+        (&[("x-session-affinity", "s")], "/v1/chat/completions", good, 401),
+        (&[("authorization", "Bearer wrong"), ("x-session-affinity", "s")], "/v1/chat/completions", good, 401),
+        (&[("authorization", &auth), ("x-session-affinity", "s")], "/v1/chat/completions", "{oops", 400),
+        (&[("authorization", &auth), ("x-session-affinity", "s")], "/v1/chat/completions", r#"{"model":"m"}"#, 400),
         (&[("authorization", &auth)], "/v1/nope", good, 404),
     ];
     for (headers, path, body, status) in cases {
@@ -112,20 +64,12 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     // Same keep-alive connection still works; then an oversized body is refused and closed.
     assert_eq!(c.request("GET", "/healthz", &[], "").status, 200);
     let big = "x".repeat(1001);
-    let r = c.request(
-        "POST",
-        "/v1/chat/completions",
-        &[("authorization", &auth)],
-        &big,
-    );
+    let r = c.request("POST", "/v1/chat/completions", &[("authorization", &auth)], &big);
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["error"]["code"], "body_too_large");
     assert!(c.closed());
     assert_eq!(d.client().request("GET", "/healthz", &[], "").status, 200);
-    assert!(
-        d.claude_pids().is_empty(),
-        "no bad request started a claude"
-    );
+    assert!(d.claude_pids().is_empty(), "no bad request started a claude");
 }
 
 #[test]
@@ -135,10 +79,7 @@ fn sigterm_exits_zero_and_leaves_no_claude_or_channel() {
     assert_eq!(d.client().chat("b", "two", false).status, 200);
     let pids = d.claude_pids();
     assert_eq!(pids.len(), 2);
-    assert!(
-        pids.iter().all(|p| group_members(*p).len() >= 2),
-        "claude and its channel run"
-    );
+    assert!(pids.iter().all(|p| group_members(*p).len() >= 2), "claude and its channel run");
     let t = Instant::now();
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit(), Some(0));
@@ -155,9 +96,7 @@ fn sigkill_of_synthesis_takes_its_claudes_along() {
     let pid = d.claude_pids()[0];
     d.signal(libc::SIGKILL);
     d.wait_exit();
-    wait_for("claude and its channel to die", || {
-        group_members(pid).is_empty().then_some(())
-    });
+    wait_for("claude and its channel to die", || group_members(pid).is_empty().then_some(()));
 }
 
 #[test]
@@ -167,37 +106,22 @@ fn crash_mid_turn_is_a_502_with_the_terminal_tail_and_the_next_turn_works() {
     let r = d.client().chat("a", "crash", false);
     assert_eq!(r.status, 502, "{}", r.body);
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
-    assert!(
-        msg.contains("exit status 3") && msg.contains("crashing as scripted"),
-        "{msg}"
-    );
+    assert!(msg.contains("exit status 3") && msg.contains("crashing as scripted"), "{msg}");
     eprintln!("crash to error: {:?}", t.elapsed());
     let r = d.client().chat("a", "are you back", false);
-    assert_eq!(
-        r.json()["choices"][0]["message"]["content"],
-        "echo: are you back"
-    );
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: are you back");
     assert_eq!(d.claude_pids().len(), 2);
     assert!(d.log_lines("claude_args").is_empty());
 }
 
 #[test]
 fn a_claude_that_never_becomes_ready_fails_after_ready_timeout_and_is_gone() {
-    let d = Daemon::start(
-        "hang",
-        "ready_timeout = 1s",
-        &[("FAKE_CLAUDE_SCREEN", "hang")],
-    );
+    let d = Daemon::start("hang", "ready_timeout = 1s", &[("FAKE_CLAUDE_SCREEN", "hang")]);
     let r = d.client().chat("a", "hello", false);
     assert_eq!(r.status, 504, "{}", r.body);
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("ready_timeout"));
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("ready_timeout"));
     let pid = d.claude_pids()[0];
-    wait_for("the hung claude to be gone", || {
-        group_members(pid).is_empty().then_some(())
-    });
+    wait_for("the hung claude to be gone", || group_members(pid).is_empty().then_some(()));
 }
 
 #[test]
@@ -206,10 +130,7 @@ fn workspace_trust_screen_fails_fast_with_advice() {
     let r = d.client().chat("a", "hello", false);
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "workspace_not_trusted");
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("Yes, I trust this folder"));
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("Yes, I trust this folder"));
 }
 
 #[test]
@@ -218,19 +139,11 @@ fn concurrent_requests_on_one_session_get_separate_answers_in_order() {
     assert_eq!(d.client().chat("a", "warm up", false).status, 200);
     let port = d.port;
     let first = std::thread::spawn(move || Client::connect(port).chat("a", "sleep 0.5", false));
-    wait_for("the first turn to be delivered", || {
-        (d.delivered().len() == 2).then_some(())
-    });
+    wait_for("the first turn to be delivered", || (d.delivered().len() == 2).then_some(()));
     let second = Client::connect(d.port).chat("a", "second", false);
     let first = first.join().unwrap();
-    assert_eq!(
-        first.json()["choices"][0]["message"]["content"],
-        "echo: sleep 0.5"
-    );
-    assert_eq!(
-        second.json()["choices"][0]["message"]["content"],
-        "echo: second"
-    );
+    assert_eq!(first.json()["choices"][0]["message"]["content"], "echo: sleep 0.5");
+    assert_eq!(second.json()["choices"][0]["message"]["content"], "echo: second");
     assert_eq!(d.delivered().len(), 3, "delivered one by one, never merged");
 }
 
@@ -255,28 +168,17 @@ fn client_disconnect_interrupts_the_turn_and_the_next_turn_works() {
 /// The official `openai` Python SDK, when installed (`.ci/run` installs it); skipped visibly otherwise.
 #[test]
 fn the_openai_python_sdk_gets_replies_streamed_and_not() {
-    let has_sdk = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .output();
+    let has_sdk = std::process::Command::new("python3").args(["-c", "import openai"]).output();
     if !has_sdk.is_ok_and(|o| o.status.success()) {
-        eprintln!(
-            "SKIPPED: python3 with the `openai` package is not installed (pip install openai)"
-        );
+        eprintln!("SKIPPED: python3 with the `openai` package is not installed (pip install openai)");
         return;
     }
     let d = Daemon::start("sdk", "", &[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
     let url = format!("http://127.0.0.1:{}/v1", d.port);
-    let out = std::process::Command::new("python3")
-        .args([script, &url, API_KEY])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new("python3").args([script, &url, API_KEY]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     eprintln!("{stdout}");
 }
 
@@ -285,10 +187,7 @@ fn a_huge_body_gets_413_even_while_the_client_is_still_sending() {
     let d = Daemon::start("huge", "max_body = 1000", &[]);
     let mut c = d.client();
     let body = "x".repeat(8 << 20);
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
+    let head = format!("POST /v1/chat/completions HTTP/1.1\r\ncontent-length: {}\r\n\r\n", body.len());
     c.send_raw(head.as_bytes());
     let mut writer = c.try_clone_stream();
     let sender = std::thread::spawn(move || {
@@ -303,10 +202,7 @@ fn a_huge_body_gets_413_even_while_the_client_is_still_sending() {
 
 /// The Claude session uuid of the first spawn log line with `flag`.
 fn spawned_with(d: &Daemon, flag: &str) -> Vec<String> {
-    d.log_lines(&format!(" {flag} "))
-        .iter()
-        .map(|l| l.rsplit(' ').next().unwrap().to_string())
-        .collect()
+    d.log_lines(&format!(" {flag} ")).iter().map(|l| l.rsplit(' ').next().unwrap().to_string()).collect()
 }
 
 #[test]
@@ -320,10 +216,7 @@ fn after_a_restart_a_session_resumes_its_claude_session() {
     drop(d);
     let d = Daemon::start_in(dir, "", &[]);
     let r = d.client().chat("a", "after restart", false);
-    assert_eq!(
-        r.json()["choices"][0]["message"]["content"],
-        "echo: after restart"
-    );
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: after restart");
     assert_eq!(spawned_with(&d, "--resume"), vec![uuid]);
 }
 
@@ -333,15 +226,10 @@ fn after_an_idle_kill_a_session_resumes_its_claude_session() {
     assert_eq!(d.client().chat("a", "one", false).status, 200);
     let pid = d.claude_pids()[0];
     d.wait_log("idle longer than idle_timeout");
-    wait_for("the idle claude to be gone", || {
-        group_members(pid).is_empty().then_some(())
-    });
+    wait_for("the idle claude to be gone", || group_members(pid).is_empty().then_some(()));
     let r = d.client().chat("a", "two", false);
     assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: two");
-    assert_eq!(
-        spawned_with(&d, "--resume"),
-        spawned_with(&d, "--session-id")
-    );
+    assert_eq!(spawned_with(&d, "--resume"), spawned_with(&d, "--session-id"));
 }
 
 #[test]
@@ -350,17 +238,10 @@ fn max_processes_is_never_exceeded() {
     let live = |d: &Daemon| d.claude_pids().into_iter().filter(|p| alive(*p)).count();
     for key in ["a", "b", "c", "a", "b"] {
         let r = d.client().chat(key, &format!("hi from {key}"), false);
-        assert_eq!(
-            r.json()["choices"][0]["message"]["content"],
-            format!("echo: hi from {key}")
-        );
+        assert_eq!(r.json()["choices"][0]["message"]["content"], format!("echo: hi from {key}"));
         assert!(live(&d) <= 2, "more than 2 claudes alive");
     }
-    assert_eq!(
-        d.claude_pids().len(),
-        5,
-        "each turn past the second evicted the least recently used"
-    );
+    assert_eq!(d.claude_pids().len(), 5, "each turn past the second evicted the least recently used");
 }
 
 #[test]
@@ -368,14 +249,21 @@ fn status_shows_processes_with_their_memory() {
     let d = Daemon::start("status", "", &[]);
     assert_eq!(d.client().chat("a", "one", false).status, 200);
     let auth = format!("Bearer {API_KEY}");
-    let r = d
-        .client()
-        .request("GET", "/status", &[("authorization", &auth)], "");
+    let r = d.client().request("GET", "/status", &[("authorization", &auth)], "");
     let s = r.json();
     assert_eq!(s["sessions"][0]["key"], "a");
     assert_eq!(s["processes"][0]["state"], "ready");
-    assert!(
-        s["processes"][0]["rss_kib"].as_u64().is_some_and(|k| k > 0),
-        "{s}"
-    );
+    assert!(s["processes"][0]["rss_kib"].as_u64().is_some_and(|k| k > 0), "{s}");
+}
+
+#[test]
+fn a_first_message_dropped_by_claude_is_delivered_again_and_answered_once() {
+    let d = Daemon::start("dropfirst", "", &[("FAKE_CLAUDE_DROP_FIRST", "1")]);
+    let r = d.client().chat("a", "are you there", false);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: are you there");
+    d.wait_log("has not taken chat-1 yet, delivering again");
+    let r = d.client().chat("a", "second", false);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: second");
+    let delivered: Vec<String> = d.delivered().iter().map(|v| v["content"].as_str().unwrap().to_string()).collect();
+    assert_eq!(delivered, ["are you there", "second"], "each message reached claude's turn once");
 }

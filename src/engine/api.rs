@@ -5,54 +5,40 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::session::{error_response, Answer, Session, Turn};
-use super::{ConnId, Engine, Output, ProcessStatus, SessionStatus, StatusReport};
+use super::{ConnId, Engine, Output, ProcId, ProcessStatus, SessionStatus, StatusReport};
 use crate::wire::http::{Request, Response};
 use crate::wire::openai::{ApiError, ChatRequest, Completion};
 
 pub const HOOK_STOP: &str = "/hooks/stop";
 pub const HOOK_STOP_FAILURE: &str = "/hooks/stop-failure";
+pub const HOOK_PROMPT: &str = "/hooks/prompt";
 
 impl Engine {
     pub(super) fn on_http(&mut self, now: Instant, conn: ConnId, req: Request, unix_secs: u64) {
         let path = req.path.split('?').next().unwrap_or("");
         let result = match (req.method.as_str(), path) {
-            ("GET", "/healthz") => Ok(Some(Response::json(
-                200,
-                json!({"status": "ok"}).to_string(),
-            ))),
+            ("GET", "/healthz") => Ok(Some(Response::json(200, json!({"status": "ok"}).to_string()))),
             ("GET", "/v1/models") => self.authorize(&req).map(|()| Some(self.models())),
             ("GET", "/status") => self.authorize(&req).map(|()| {
                 let report = self.status(now);
                 self.push(Output::Status { conn, report });
                 None
             }),
-            ("POST", "/v1/chat/completions") => self
-                .authorize(&req)
-                .and_then(|()| self.chat(now, conn, &req, unix_secs))
-                .map(|()| None),
-            ("POST", HOOK_STOP) => self.hook(now, conn, &req, false).map(|()| None),
-            ("POST", HOOK_STOP_FAILURE) => self.hook(now, conn, &req, true).map(|()| None),
-            (
-                _,
-                "/healthz" | "/v1/models" | "/v1/chat/completions" | HOOK_STOP | HOOK_STOP_FAILURE,
-            ) => Err(ApiError::new(
-                405,
-                "method_not_allowed",
-                format!("{} is not allowed on {path}", req.method),
-            )),
-            _ => Err(ApiError::new(
-                404,
-                "not_found",
-                format!("no such endpoint: {} {path}", req.method),
-            )),
+            ("POST", "/v1/chat/completions") => {
+                self.authorize(&req).and_then(|()| self.chat(now, conn, &req, unix_secs)).map(|()| None)
+            }
+            ("POST", HOOK_STOP) => self.hook(now, conn, &req, Hook::Stop).map(|()| None),
+            ("POST", HOOK_STOP_FAILURE) => self.hook(now, conn, &req, Hook::StopFailure).map(|()| None),
+            ("POST", HOOK_PROMPT) => self.hook(now, conn, &req, Hook::PromptSubmit).map(|()| None),
+            (_, "/healthz" | "/v1/models" | "/v1/chat/completions" | HOOK_STOP | HOOK_STOP_FAILURE | HOOK_PROMPT) => {
+                Err(ApiError::new(405, "method_not_allowed", format!("{} is not allowed on {path}", req.method)))
+            }
+            _ => Err(ApiError::new(404, "not_found", format!("no such endpoint: {} {path}", req.method))),
         };
         match result {
             Ok(Some(response)) => self.push(Output::Respond { conn, response }),
             Ok(None) => {}
-            Err(e) => self.push(Output::Respond {
-                conn,
-                response: error_response(&e),
-            }),
+            Err(e) => self.push(Output::Respond { conn, response: error_response(&e) }),
         }
     }
 
@@ -67,11 +53,7 @@ impl Engine {
                 "invalid_api_key",
                 "wrong API key: send the api_key of synthesis.conf as the bearer token",
             )),
-            None => Err(ApiError::new(
-                401,
-                "missing_api_key",
-                "missing `Authorization: Bearer <api_key>` header",
-            )),
+            None => Err(ApiError::new(401, "missing_api_key", "missing `Authorization: Bearer <api_key>` header")),
         }
     }
 
@@ -90,17 +72,9 @@ impl Engine {
             })
             .collect();
         sessions.sort_by(|a, b| a.key.cmp(&b.key));
-        let mut processes: Vec<ProcessStatus> = self
-            .procs
-            .iter()
-            .map(|(id, p)| p.status(*id, now))
-            .collect();
+        let mut processes: Vec<ProcessStatus> = self.procs.iter().map(|(id, p)| p.status(*id, now)).collect();
         processes.sort_by_key(|p| p.id);
-        StatusReport {
-            shutting_down: self.shutting_down(),
-            sessions,
-            processes,
-        }
+        StatusReport { shutting_down: self.shutting_down(), sessions, processes }
     }
 
     fn models(&self) -> Response {
@@ -109,27 +83,12 @@ impl Engine {
     }
 
     /// Admit a chat-completions request as a turn of its session; the answer comes later.
-    fn chat(
-        &mut self,
-        now: Instant,
-        conn: ConnId,
-        req: &Request,
-        unix_secs: u64,
-    ) -> Result<(), ApiError> {
+    fn chat(&mut self, now: Instant, conn: ConnId, req: &Request, unix_secs: u64) -> Result<(), ApiError> {
         if self.shutting_down() {
-            return Err(ApiError::new(
-                503,
-                "shutting_down",
-                "synthesis is shutting down; retry shortly",
-            )
-            .retry_after(5));
+            return Err(ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5));
         }
         let body: ChatRequest = serde_json::from_str(&req.body).map_err(|e| {
-            let what = if e.is_data() {
-                "is not a chat completions request"
-            } else {
-                "is not valid JSON"
-            };
+            let what = if e.is_data() { "is not a chat completions request" } else { "is not valid JSON" };
             ApiError::new(400, "invalid_request", format!("request body {what}: {e}"))
         })?;
         let key = session_key(req, &body)?;
@@ -152,10 +111,7 @@ impl Engine {
         let completion = Completion {
             id: format!("chatcmpl-{}", self.ids.token()),
             created: unix_secs,
-            model: body
-                .model
-                .clone()
-                .unwrap_or_else(|| self.settings.model.clone()),
+            model: body.model.clone().unwrap_or_else(|| self.settings.model.clone()),
         };
         let turn = Turn {
             conn,
@@ -172,89 +128,77 @@ impl Engine {
 
     /// Stop / StopFailure from claude's HTTP hooks: answered at once (the hook blocks claude),
     /// then the turn in flight ends.
-    fn hook(
-        &mut self,
-        now: Instant,
-        conn: ConnId,
-        req: &Request,
-        failure: bool,
-    ) -> Result<(), ApiError> {
+    fn hook(&mut self, now: Instant, conn: ConnId, req: &Request, kind: Hook) -> Result<(), ApiError> {
         let id = req
             .bearer()
             .and_then(|t| self.process_by_hook_token(t))
             .ok_or_else(|| ApiError::new(401, "invalid_hook_token", "hook token unknown"))?;
-        let body: Value = serde_json::from_str(&req.body).map_err(|e| {
-            ApiError::new(
-                400,
-                "invalid_request",
-                format!("hook body is not valid JSON: {e}"),
-            )
-        })?;
-        self.push(Output::Respond {
-            conn,
-            response: Response::json(200, "{}".into()),
-        });
+        let body: Value = serde_json::from_str(&req.body)
+            .map_err(|e| ApiError::new(400, "invalid_request", format!("hook body is not valid JSON: {e}")))?;
+        // Claude waits for its hooks: answer before anything else.
+        self.push(Output::Respond { conn, response: Response::json(200, "{}".into()) });
+        let text_of = |field: &str| body.get(field).and_then(Value::as_str).unwrap_or("").to_string();
+        match kind {
+            Hook::PromptSubmit => self.on_prompt_submitted(id, &text_of("prompt")),
+            Hook::Stop => self.on_stop(now, id, Ok(text_of("last_assistant_message"))),
+            Hook::StopFailure => self.on_stop(now, id, Err(text_of("error"))),
+        }
+        Ok(())
+    }
+
+    /// Turn end: `last` is `last_assistant_message` (Stop) or the API error (StopFailure).
+    fn on_stop(&mut self, now: Instant, id: ProcId, last: Result<String, String>) {
         let p = self.procs.get_mut(&id).expect("process of hook token");
         let key = p.session.clone();
         if p.settle_until.take().is_some() {
             // The interrupted turn ended after all; the process is free again.
             log::info!("session {key}: late Stop after an interrupt");
             self.deliver_next(now, &key);
-            return Ok(());
+            return;
         }
         let Some(turn) = self.sessions.get(&key).and_then(|s| s.current.as_ref()) else {
             log::info!("session {key}: Stop hook with no turn in flight");
-            return Ok(());
+            return;
         };
-        let text_of = |field: &str| {
-            body.get(field)
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string()
-        };
-        let answer = if failure {
-            let msg = format!("Claude's model API call failed: {}", text_of("error"));
-            Answer::Error(ApiError::new(502, "claude_api_error", msg))
-        } else {
-            if turn.replies.is_empty() {
-                // No `reply` call: the final assistant text is the answer (maybe empty).
-                let chat_id = turn.chat_id.clone();
-                let last = text_of("last_assistant_message");
-                if !last.is_empty() {
+        let answer = match last {
+            Err(error) => {
+                let msg = format!("Claude's model API call failed: {error}");
+                Answer::Error(ApiError::new(502, "claude_api_error", msg))
+            }
+            Ok(last) => {
+                if turn.replies.is_empty() && !last.is_empty() {
+                    // No `reply` call: the final assistant text is the answer (maybe empty).
+                    let chat_id = turn.chat_id.clone();
                     self.on_reply(&key, &chat_id, last);
                 }
+                Answer::Text(self.sessions[&key].current.as_ref().expect("turn").replies.join("\n\n"))
             }
-            let turn = self.sessions[&key].current.as_ref().expect("turn");
-            Answer::Text(turn.replies.join("\n\n"))
         };
         self.end_turn(now, &key, answer);
-        Ok(())
     }
+}
+
+#[derive(Clone, Copy)]
+enum Hook {
+    PromptSubmit,
+    Stop,
+    StopFailure,
 }
 
 /// The OpenClaw session a request belongs to. OpenClaw sends its session id only with the
 /// compat flags `sendSessionAffinityHeaders` / `supportsPromptCacheKey`; other clients may send `user`.
 /// Without any of them the request is refused: guessing could mix two conversations.
 pub fn session_key(req: &Request, body: &ChatRequest) -> Result<String, ApiError> {
-    let headers = ["x-session-affinity", "session_id"]
-        .into_iter()
-        .filter_map(|h| req.header(h));
-    let fields = [&body.prompt_cache_key, &body.user]
-        .into_iter()
-        .filter_map(|f| f.as_deref());
-    headers
-        .chain(fields)
-        .map(str::trim)
-        .find(|k| !k.is_empty())
-        .map(String::from)
-        .ok_or_else(|| {
-            ApiError::new(
-                400,
-                "missing_session_key",
-                "no session key: send the x-session-affinity header (OpenClaw: set compat.sendSessionAffinityHeaders \
+    let headers = ["x-session-affinity", "session_id"].into_iter().filter_map(|h| req.header(h));
+    let fields = [&body.prompt_cache_key, &body.user].into_iter().filter_map(|f| f.as_deref());
+    headers.chain(fields).map(str::trim).find(|k| !k.is_empty()).map(String::from).ok_or_else(|| {
+        ApiError::new(
+            400,
+            "missing_session_key",
+            "no session key: send the x-session-affinity header (OpenClaw: set compat.sendSessionAffinityHeaders \
                  and compat.supportsPromptCacheKey on the model), or prompt_cache_key or user in the body",
-            )
-        })
+        )
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -6,7 +6,7 @@
 //! and every effect on the world is an `Output`.
 
 mod api;
-pub use api::{HOOK_STOP, HOOK_STOP_FAILURE};
+pub use api::{HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
 mod process;
 pub mod screen;
 mod session;
@@ -297,11 +297,7 @@ impl Engine {
 
     pub fn handle(&mut self, now: Instant, input: Input) {
         match input {
-            Input::Http {
-                conn,
-                request,
-                unix_secs,
-            } => self.on_http(now, conn, request, unix_secs),
+            Input::Http { conn, request, unix_secs } => self.on_http(now, conn, request, unix_secs),
             Input::ConnClosed { conn } => self.on_conn_closed(now, conn),
             Input::BridgeFrame { conn, frame } => self.on_bridge_frame(now, conn, frame),
             Input::BridgeClosed { conn } => self.on_bridge_closed(now, conn),
@@ -348,11 +344,7 @@ impl Engine {
         if self.shutdown != Shutdown::Running {
             return;
         }
-        log::info!(
-            "shutting down: {} sessions, {} processes",
-            self.sessions.len(),
-            self.procs.len()
-        );
+        log::info!("shutting down: {} sessions, {} processes", self.sessions.len(), self.procs.len());
         self.shutdown = Shutdown::Draining(now + self.settings.shutdown_grace);
         self.fail_all_queued();
         self.maybe_finish_shutdown(now);
@@ -360,9 +352,7 @@ impl Engine {
 
     /// While draining, once no turn is in flight, stop every process.
     fn maybe_finish_shutdown(&mut self, now: Instant) {
-        if matches!(self.shutdown, Shutdown::Draining(_))
-            && self.sessions.values().all(|s| s.current.is_none())
-        {
+        if matches!(self.shutdown, Shutdown::Draining(_)) && self.sessions.values().all(|s| s.current.is_none()) {
             self.stop_everything(now);
         }
     }
@@ -385,8 +375,7 @@ impl Engine {
     }
 
     fn save_sessions(&mut self) {
-        let mut sessions: Vec<SessionRecord> =
-            self.sessions.values().map(Session::record).collect();
+        let mut sessions: Vec<SessionRecord> = self.sessions.values().map(Session::record).collect();
         sessions.sort_by(|a, b| a.key.cmp(&b.key));
         self.sessions_dirty = false;
         self.push(Output::SaveSessions { sessions });

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use super::screen::{Prompt, Screen};
 use super::session::Answer;
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, Signal, SpawnSpec};
-use crate::wire::bridge::{self, FromChannel};
+use crate::wire::bridge::{self, FromChannel, ToChannel};
 use crate::wire::openai::ApiError;
 
 /// Pause between seeing the development-channels warning and pressing Enter: the real TUI
@@ -13,6 +13,9 @@ use crate::wire::openai::ApiError;
 const CONFIRM_DELAY: Duration = Duration::from_millis(300);
 /// Keys that pick "Yes, I trust this folder" (option 1) on the workspace-trust screen.
 const TRUST_ANSWER: &str = "1";
+/// How long an unproven channel has to show (by `UserPromptSubmit`) that a message got through.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_DELIVERIES: u32 = 4;
 /// Terminal lines quoted in error messages.
 const TAIL_LINES: usize = 12;
 
@@ -47,6 +50,12 @@ pub struct Process {
     last_heard: Instant,
     /// `last_heard` + the allowed silence.
     silent_at: Option<Instant>,
+    /// A message got through (seen in a `UserPromptSubmit` hook).
+    pub channel_proven: bool,
+    /// Deliveries of the current turn's message while the channel is unproven.
+    pub deliveries: u32,
+    /// When to deliver it again if claude has not taken it.
+    pub redeliver_at: Option<Instant>,
     /// Why synthesis is stopping it, for the turn that is cut short.
     stop_reason: Option<String>,
 }
@@ -54,12 +63,8 @@ pub struct Process {
 impl Process {
     pub fn deadline(&self) -> Option<Instant> {
         match self.state {
-            ProcState::Starting => self
-                .confirm_at
-                .into_iter()
-                .chain([self.ready_deadline])
-                .min(),
-            ProcState::Ready => self.settle_until.into_iter().chain(self.silent_at).min(),
+            ProcState::Starting => self.confirm_at.into_iter().chain([self.ready_deadline]).min(),
+            ProcState::Ready => [self.settle_until, self.silent_at, self.redeliver_at].into_iter().flatten().min(),
             ProcState::Stopping => self.kill_at,
         }
     }
@@ -116,16 +121,10 @@ impl Engine {
         if let Some(victim) = self.least_recently_used_idle() {
             self.stop_process(now, victim, "evicted to make room for another session");
         } else {
-            let stopping = self
-                .procs
-                .values()
-                .filter(|p| p.state == ProcState::Stopping)
-                .count();
+            let stopping = self.procs.values().filter(|p| p.state == ProcState::Stopping).count();
             if stopping <= self.slot_waiters.len() {
                 let max = self.settings.max_processes;
-                let msg = format!(
-                    "all {max} claude processes (max_processes) are busy with turns; retry shortly"
-                );
+                let msg = format!("all {max} claude processes (max_processes) are busy with turns; retry shortly");
                 return Err(ApiError::new(503, "pool_busy", msg).retry_after(5));
             }
         }
@@ -152,10 +151,7 @@ impl Engine {
             bridge_token: self.ids.token(),
             hook_token: self.ids.token(),
         };
-        log::info!(
-            "session {key}: spawning process {id} for claude session {}",
-            spec.session_uuid
-        );
+        log::info!("session {key}: spawning process {id} for claude session {}", spec.session_uuid);
         let proc = Process {
             session: key.to_string(),
             pid: None,
@@ -174,6 +170,9 @@ impl Engine {
             settle_until: None,
             last_heard: now,
             silent_at: None,
+            channel_proven: false,
+            deliveries: 0,
+            redeliver_at: None,
             stop_reason: None,
         };
         self.procs.insert(id, proc);
@@ -228,10 +227,7 @@ impl Engine {
                 Prompt::DevChannels => self.confirm_dev_channels(now, id),
                 Prompt::WorkspaceTrust if self.settings.trust_workspace => {
                     log::warn!("process {id}: accepting the workspace-trust question (trust_workspace = yes)");
-                    self.push(Output::WriteTerminal {
-                        proc: id,
-                        data: TRUST_ANSWER.into(),
-                    });
+                    self.push(Output::WriteTerminal { proc: id, data: TRUST_ANSWER.into() });
                 }
                 Prompt::WorkspaceTrust => {
                     let p = &self.procs[&id];
@@ -261,11 +257,7 @@ impl Engine {
 
     pub(super) fn on_bridge_frame(&mut self, now: Instant, conn: ConnId, frame: FromChannel) {
         let silence = self.settings.bridge_silence;
-        if let Some(p) = self
-            .bridges
-            .get(&conn)
-            .and_then(|id| self.procs.get_mut(id))
-        {
+        if let Some(p) = self.bridges.get(&conn).and_then(|id| self.procs.get_mut(id)) {
             p.last_heard = now;
             p.silent_at = Some(now + silence);
         }
@@ -285,13 +277,12 @@ impl Engine {
     }
 
     fn on_hello(&mut self, now: Instant, conn: ConnId, v: u32, token: &str) {
-        let found = self.procs.iter_mut().find(|(_, p)| {
-            p.bridge.is_none() && p.state == ProcState::Starting && p.bridge_token == token
-        });
+        let found = self
+            .procs
+            .iter_mut()
+            .find(|(_, p)| p.bridge.is_none() && p.state == ProcState::Starting && p.bridge_token == token);
         let Some((&id, p)) = found.filter(|_| v == bridge::VERSION) else {
-            log::warn!(
-                "bridge {conn}: hello with an unknown or used token or version {v}, closing"
-            );
+            log::warn!("bridge {conn}: hello with an unknown or used token or version {v}, closing");
             self.push(Output::CloseBridge { conn });
             return;
         };
@@ -324,24 +315,14 @@ impl Engine {
             return;
         };
         let alive = now.duration_since(p.started).as_millis();
-        log::info!(
-            "session {}: process {id} ({}) exited: {status} after {alive} ms",
-            p.session,
-            p.describe()
-        );
+        log::info!("session {}: process {id} ({}) exited: {status} after {alive} ms", p.session, p.describe());
         self.detach(&p);
         let key = p.session.clone();
-        let why = p.stop_reason.as_ref().map_or(String::new(), |r| {
-            format!(" (synthesis was stopping it: {r})")
-        });
+        let why = p.stop_reason.as_ref().map_or(String::new(), |r| format!(" (synthesis was stopping it: {r})"));
         let reason = format!("{} exited ({status}){why}", p.describe());
         if self.sessions[&key].current.is_some() {
             let msg = format!("{reason} during the turn; {}", p.tail());
-            self.end_turn(
-                now,
-                &key,
-                Answer::Error(ApiError::new(502, "claude_exited", msg)),
-            );
+            self.end_turn(now, &key, Answer::Error(ApiError::new(502, "claude_exited", msg)));
         }
         let queued = !self.sessions[&key].queue.is_empty();
         if queued && p.state == ProcState::Starting {
@@ -387,74 +368,98 @@ impl Engine {
         if p.state == ProcState::Stopping {
             return;
         }
-        log::info!(
-            "session {}: stopping process {id} ({}): {reason}",
-            p.session,
-            p.describe()
-        );
+        log::info!("session {}: stopping process {id} ({}): {reason}", p.session, p.describe());
         p.state = ProcState::Stopping;
         p.stop_reason = Some(reason.to_string());
         p.kill_at = Some(now + self.settings.stop_grace);
-        self.push(Output::Signal {
-            proc: id,
-            signal: Signal::Term,
-        });
+        self.push(Output::Signal { proc: id, signal: Signal::Term });
     }
 
     /// Ready timeouts, dialog confirmations, settle ends and SIGKILLs that are due.
     pub(super) fn expire_processes(&mut self, now: Instant) {
-        let due: Vec<ProcId> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| p.deadline().is_some_and(|d| now >= d))
-            .map(|(id, _)| *id)
-            .collect();
+        let due: Vec<ProcId> =
+            self.procs.iter().filter(|(_, p)| p.deadline().is_some_and(|d| now >= d)).map(|(id, _)| *id).collect();
         for id in due {
             let p = self.procs.get_mut(&id).expect("due process");
             match p.state {
                 ProcState::Starting if p.confirm_at.is_some_and(|t| now >= t) => {
                     p.confirm_at = None;
-                    log::info!(
-                        "session {}: confirming the development-channels dialog",
-                        p.session
-                    );
-                    self.push(Output::WriteTerminal {
-                        proc: id,
-                        data: "\r".into(),
-                    });
+                    log::info!("session {}: confirming the development-channels dialog", p.session);
+                    self.push(Output::WriteTerminal { proc: id, data: "\r".into() });
                 }
                 ProcState::Starting => {
                     let secs = self.settings.ready_timeout.as_secs_f32();
-                    let msg = format!(
-                        "{} did not become ready within {secs} s (ready_timeout); {}",
-                        p.describe(),
-                        p.tail()
-                    );
+                    let msg =
+                        format!("{} did not become ready within {secs} s (ready_timeout); {}", p.describe(), p.tail());
                     log::error!("session {}: {msg}", p.session);
                     self.fail_process(now, id, ApiError::new(504, "claude_not_ready", msg));
                 }
-                ProcState::Ready if p.silent_at.is_some_and(|t| now >= t) => {
-                    let secs = now.duration_since(p.last_heard).as_secs();
-                    let why = format!("its channel has sent nothing for {secs} s (no heartbeat)");
-                    self.stop_process(now, id, &why);
-                }
-                ProcState::Ready => {
-                    p.settle_until = None;
-                    let key = p.session.clone();
-                    self.deliver_next(now, &key);
-                }
+                ProcState::Ready => self.expire_ready(now, id),
                 ProcState::Stopping => {
                     p.kill_at = None;
-                    log::warn!(
-                        "session {}: process {id} ignored SIGTERM, killing",
-                        p.session
-                    );
-                    self.push(Output::Signal {
-                        proc: id,
-                        signal: Signal::Kill,
-                    });
+                    log::warn!("session {}: process {id} ignored SIGTERM, killing", p.session);
+                    self.push(Output::Signal { proc: id, signal: Signal::Kill });
                 }
             }
+        }
+    }
+
+    /// Deadlines of a ready process: heartbeat silence, redelivery, end of an interrupt's settle.
+    fn expire_ready(&mut self, now: Instant, id: ProcId) {
+        let p = self.procs.get_mut(&id).expect("due process");
+        let due = |t: Option<Instant>| t.is_some_and(|t| now >= t);
+        if due(p.silent_at) {
+            let secs = now.duration_since(p.last_heard).as_secs();
+            let why = format!("its channel has sent nothing for {secs} s (no heartbeat)");
+            self.stop_process(now, id, &why);
+            return;
+        }
+        let key = p.session.clone();
+        if due(p.redeliver_at) {
+            p.redeliver_at = None;
+            self.redeliver(now, id);
+        }
+        let p = self.procs.get_mut(&id).expect("due process");
+        if due(p.settle_until) {
+            p.settle_until = None;
+            self.deliver_next(now, &key);
+        }
+    }
+
+    /// Claude drops channel messages that arrive before it has registered the channel's
+    /// notification handler, a few ms after MCP initialisation, with no sign on the wire. Until
+    /// a `UserPromptSubmit` hook has shown that a message got through, an unacknowledged
+    /// delivery is sent again; after that, never.
+    fn redeliver(&mut self, now: Instant, id: ProcId) {
+        let p = self.procs.get_mut(&id).expect("process");
+        let (key, bridge) = (p.session.clone(), p.bridge);
+        let Some(turn) = self.sessions.get(&key).and_then(|s| s.current.as_ref()) else { return };
+        let Some(conn) = bridge.filter(|_| !p.channel_proven) else { return };
+        if p.deliveries >= MAX_DELIVERIES {
+            let msg = format!(
+                "{} never took the message into a turn ({} deliveries); {}",
+                p.describe(),
+                p.deliveries,
+                p.tail()
+            );
+            log::error!("session {key}: {msg}");
+            self.fail_process(now, id, ApiError::new(502, "claude_ignored_message", msg));
+            return;
+        }
+        p.deliveries += 1;
+        p.redeliver_at = Some(now + ACK_TIMEOUT);
+        log::warn!("session {key}: claude has not taken {} yet, delivering again", turn.chat_id);
+        let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
+        self.push(Output::Bridge { conn, frame });
+    }
+
+    /// `UserPromptSubmit`: claude took a message into a turn, so its channel works.
+    pub(super) fn on_prompt_submitted(&mut self, id: ProcId, prompt: &str) {
+        let p = self.procs.get_mut(&id).expect("process of hook token");
+        let current = self.sessions.get(&p.session).and_then(|s| s.current.as_ref());
+        if current.is_some_and(|t| prompt.contains(&format!("chat_id=\"{}\"", t.chat_id))) {
+            p.channel_proven = true;
+            p.redeliver_at = None;
         }
     }
 
@@ -474,9 +479,6 @@ impl Engine {
 
     /// The process behind a hook token.
     pub(super) fn process_by_hook_token(&self, token: &str) -> Option<ProcId> {
-        self.procs
-            .iter()
-            .find(|(_, p)| p.hook_token == token)
-            .map(|(id, _)| *id)
+        self.procs.iter().find(|(_, p)| p.hook_token == token).map(|(id, _)| *id)
     }
 }

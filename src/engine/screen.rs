@@ -36,8 +36,7 @@ impl Screen {
         let plain = strip_ansi(raw);
         self.tail.push_str(&plain);
         keep_last(&mut self.tail, TAIL_CHARS);
-        self.squashed
-            .extend(plain.chars().filter(|c| !c.is_whitespace()));
+        self.squashed.extend(plain.chars().filter(|c| !c.is_whitespace()));
         let mut found = Vec::new();
         for (marker, prompt) in MARKERS {
             if let Some(i) = self.squashed.find(marker) {
@@ -52,12 +51,7 @@ impl Screen {
 
     /// The last `n` non-blank lines, for error messages and logs.
     pub fn last_lines(&self, n: usize) -> String {
-        let lines: Vec<&str> = self
-            .tail
-            .lines()
-            .map(str::trim_end)
-            .filter(|l| !l.trim().is_empty())
-            .collect();
+        let lines: Vec<&str> = self.tail.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 }
@@ -65,10 +59,7 @@ impl Screen {
 fn keep_last(s: &mut String, max_chars: usize) {
     let count = s.chars().count();
     if count > max_chars {
-        let cut = s
-            .char_indices()
-            .nth(count - max_chars)
-            .map_or(0, |(i, _)| i);
+        let cut = s.char_indices().nth(count - max_chars).map_or(0, |(i, _)| i);
         s.drain(..cut);
     }
 }
@@ -119,10 +110,7 @@ mod tests {
 
     #[test]
     fn strips_escapes() {
-        assert_eq!(
-            strip_ansi("\x1b[1;31mred\x1b[0m \x1b]0;title\x07ok\r\n"),
-            "red ok\n"
-        );
+        assert_eq!(strip_ansi("\x1b[1;31mred\x1b[0m \x1b]0;title\x07ok\r\n"), "red ok\n");
     }
 
     #[test]

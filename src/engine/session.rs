@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use super::process::ACK_TIMEOUT;
 use super::{ConnId, Engine, Output, ProcId, SessionRecord};
 use crate::wire::bridge::ToChannel;
 use crate::wire::http::Response;
@@ -88,21 +89,13 @@ pub enum Answer {
 
 impl Engine {
     /// Queue a turn for `key`, making sure a process is (or will be) there to take it.
-    pub(super) fn admit(
-        &mut self,
-        now: Instant,
-        key: &str,
-        mut turn: Turn,
-    ) -> Result<(), ApiError> {
+    pub(super) fn admit(&mut self, now: Instant, key: &str, mut turn: Turn) -> Result<(), ApiError> {
         let session = self.sessions.get_mut(key).expect("session exists");
         if session.queue.len() >= self.settings.queue_depth {
             return Err(ApiError::new(
                 429,
                 "session_queue_full",
-                format!(
-                    "{} requests are already waiting for this session; retry later",
-                    session.queue.len()
-                ),
+                format!("{} requests are already waiting for this session; retry later", session.queue.len()),
             )
             .retry_after(5));
         }
@@ -138,21 +131,15 @@ impl Engine {
         };
         let mut turn = session.queue.pop_front().expect("queue not empty");
         turn.deadline = Some(now + self.settings.turn_timeout);
-        let frame = ToChannel::Deliver {
-            chat_id: turn.chat_id.clone(),
-            content: turn.content.clone(),
-        };
-        log::info!(
-            "session {key}: delivering {} to process {pid}",
-            turn.chat_id
-        );
+        let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
+        log::info!("session {key}: delivering {} to process {pid}", turn.chat_id);
         session.current = Some(turn);
-        self.push(Output::Bridge {
-            conn: bridge,
-            frame,
-        });
-        if let Some(p) = self.procs.get_mut(&pid) {
-            p.turns += 1;
+        self.push(Output::Bridge { conn: bridge, frame });
+        let p = self.procs.get_mut(&pid).expect("process of the session");
+        p.turns += 1;
+        if !p.channel_proven {
+            p.deliveries = 1;
+            p.redeliver_at = Some(now + ACK_TIMEOUT);
         }
     }
 
@@ -163,10 +150,7 @@ impl Engine {
             return;
         };
         if turn.chat_id != chat_id {
-            log::warn!(
-                "session {key}: reply names {chat_id}, turn is {}; attributed to the turn",
-                turn.chat_id
-            );
+            log::warn!("session {key}: reply names {chat_id}, turn is {}; attributed to the turn", turn.chat_id);
         }
         if turn.stream {
             let sep = if turn.replies.is_empty() { "" } else { "\n\n" };
@@ -209,10 +193,7 @@ impl Engine {
             }
             (true, Answer::Error(e)) => {
                 log::warn!("{}: {} {}", c.id, e.status, e.message);
-                self.push(Output::StreamData {
-                    conn,
-                    data: openai::stream_error(&e),
-                });
+                self.push(Output::StreamData { conn, data: openai::stream_error(&e) });
                 self.push(Output::StreamEnd { conn });
             }
             (false, Answer::Text(text)) => {
@@ -221,10 +202,7 @@ impl Engine {
             }
             (false, Answer::Error(e)) => {
                 log::warn!("{}: {} {}", c.id, e.status, e.message);
-                self.push(Output::Respond {
-                    conn,
-                    response: error_response(&e),
-                });
+                self.push(Output::Respond { conn, response: error_response(&e) });
             }
         }
     }
@@ -241,12 +219,7 @@ impl Engine {
     }
 
     pub(super) fn fail_all_queued(&mut self) {
-        let err = ApiError::new(
-            503,
-            "shutting_down",
-            "synthesis is shutting down; retry shortly",
-        )
-        .retry_after(5);
+        let err = ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5);
         let keys: Vec<String> = self.sessions.keys().cloned().collect();
         for key in keys {
             self.fail_queued(&key, &err);
@@ -255,12 +228,8 @@ impl Engine {
 
     /// Turns past `turn_timeout`: interrupt Claude and answer 504.
     pub(super) fn expire_turns(&mut self, now: Instant) {
-        let expired: Vec<String> = self
-            .sessions
-            .values()
-            .filter(|s| s.deadline().is_some_and(|d| now >= d))
-            .map(|s| s.key.clone())
-            .collect();
+        let expired: Vec<String> =
+            self.sessions.values().filter(|s| s.deadline().is_some_and(|d| now >= d)).map(|s| s.key.clone()).collect();
         for key in expired {
             let secs = self.settings.turn_timeout.as_secs();
             let err = ApiError::new(
@@ -280,10 +249,7 @@ impl Engine {
         };
         log::info!("session {key}: interrupting {}", turn.chat_id);
         if let Some(pid) = self.sessions[key].proc {
-            self.push(Output::WriteTerminal {
-                proc: pid,
-                data: "\x1b".into(),
-            });
+            self.push(Output::WriteTerminal { proc: pid, data: "\x1b".into() });
             if let Some(p) = self.procs.get_mut(&pid) {
                 p.settle_until = Some(now + self.settings.settle);
                 p.idle_since = now;

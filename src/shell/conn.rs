@@ -107,8 +107,7 @@ impl HttpConn {
     }
 
     pub fn stream_start(&mut self) {
-        self.outbuf
-            .extend_from_slice(&http::sse_head(self.keep_alive));
+        self.outbuf.extend_from_slice(&http::sse_head(self.keep_alive));
     }
 
     pub fn stream_data(&mut self, data: &str) {
@@ -163,32 +162,19 @@ impl HttpConn {
 /// Frames are small JSON: tungstenite's default 128 KiB buffers per socket would make
 /// bridges the bulk of synthesis's memory with hundreds of sessions.
 fn bridge_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_message_size(Some(16 << 20))
+    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0).max_message_size(Some(16 << 20))
 }
 
 fn framing_error(e: &ParseError) -> ApiError {
     match e {
-        ParseError::BodyTooLarge(n) => ApiError::new(
-            413,
-            "body_too_large",
-            format!("request body of {n} bytes is over max_body"),
-        ),
-        ParseError::HeadTooLarge => {
-            ApiError::new(431, "headers_too_large", "request headers are too large")
+        ParseError::BodyTooLarge(n) => {
+            ApiError::new(413, "body_too_large", format!("request body of {n} bytes is over max_body"))
         }
-        ParseError::LengthRequired => ApiError::new(
-            411,
-            "length_required",
-            "send the body with Content-Length (chunked bodies are not accepted)",
-        ),
-        ParseError::Malformed(m) => ApiError::new(
-            400,
-            "malformed_http",
-            format!("malformed HTTP request: {m}"),
-        ),
+        ParseError::HeadTooLarge => ApiError::new(431, "headers_too_large", "request headers are too large"),
+        ParseError::LengthRequired => {
+            ApiError::new(411, "length_required", "send the body with Content-Length (chunked bodies are not accepted)")
+        }
+        ParseError::Malformed(m) => ApiError::new(400, "malformed_http", format!("malformed HTTP request: {m}")),
     }
 }
 

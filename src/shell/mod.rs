@@ -67,49 +67,27 @@ fn with_context<T>(what: impl std::fmt::Display, r: io::Result<T>) -> io::Result
 
 impl Shell {
     fn new(config: Config) -> io::Result<Self> {
-        let workspace = with_context(
-            format!("workspace {}", config.workspace.display()),
-            config.workspace.canonicalize(),
-        )?;
-        with_context(
-            format!("state_dir {}", config.state_dir.display()),
-            std::fs::create_dir_all(&config.state_dir),
-        )?;
+        let workspace =
+            with_context(format!("workspace {}", config.workspace.display()), config.workspace.canonicalize())?;
+        with_context(format!("state_dir {}", config.state_dir.display()), std::fs::create_dir_all(&config.state_dir))?;
         let self_exe = with_context("cannot find own binary", std::env::current_exe())?;
         let poll = Poll::new()?;
-        let mut listener = with_context(
-            format!("cannot listen on {}", config.listen),
-            TcpListener::bind(config.listen),
-        )?;
+        let mut listener =
+            with_context(format!("cannot listen on {}", config.listen), TcpListener::bind(config.listen))?;
         // mio listens with std's backlog of 128: hundreds of claudes firing Stop hooks at once
         // overflow it and pay a 1 s SYN retransmit. Linux lets listen() raise it in place.
         // SAFETY: listen(2) on our own listening socket.
         unsafe { libc::listen(listener.as_raw_fd(), 4096) };
         let addr = listener.local_addr()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGCHLD])?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let mut engine = Engine::new(
-            Settings::from_config(&config),
-            Box::new(RandomIds),
-            Instant::now(),
-        );
-        let unix_secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let mut engine = Engine::new(Settings::from_config(&config), Box::new(RandomIds), Instant::now());
+        let unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let known = crate::persist::load(&config.state_dir, unix_secs);
-        log::info!(
-            "{} known sessions in {}",
-            known.len(),
-            crate::persist::path(&config.state_dir).display()
-        );
+        log::info!("{} known sessions in {}", known.len(), crate::persist::path(&config.state_dir).display());
         engine.restore(known);
-        log::info!(
-            "synthesis listening on http://{addr} (workspace {})",
-            workspace.display()
-        );
+        log::info!("synthesis listening on http://{addr} (workspace {})", workspace.display());
         Ok(Shell {
             config,
             poll,
@@ -130,10 +108,7 @@ impl Shell {
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(256);
         while !self.exit {
-            let timeout = self
-                .engine
-                .poll_timeout()
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = self.engine.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()));
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {} // an empty wake-up
@@ -146,11 +121,7 @@ impl Shell {
                     token => self.on_ready(token),
                 }
             }
-            if self
-                .engine
-                .poll_timeout()
-                .is_some_and(|t| t <= Instant::now())
-            {
+            if self.engine.poll_timeout().is_some_and(|t| t <= Instant::now()) {
                 self.feed(Input::Tick);
             }
             for token in std::mem::take(&mut self.dead) {
@@ -209,10 +180,7 @@ impl Shell {
             }
             Output::SaveSessions { sessions } => {
                 if let Err(e) = crate::persist::save(&self.config.state_dir, &sessions) {
-                    log::error!(
-                        "cannot save the session map in {}: {e}",
-                        self.config.state_dir.display()
-                    );
+                    log::error!("cannot save the session map in {}: {e}", self.config.state_dir.display());
                 }
             }
             Output::Status { conn, mut report } => {
@@ -220,9 +188,7 @@ impl Shell {
                     p.rss_kib = p.pid.and_then(rss_kib);
                 }
                 let body = serde_json::to_string_pretty(&report).expect("status serialises");
-                self.with_http(conn, |c| {
-                    c.respond(&crate::wire::http::Response::json(200, body))
-                });
+                self.with_http(conn, |c| c.respond(&crate::wire::http::Response::json(200, body)));
             }
             Output::Exit => self.exit = true,
         }
@@ -266,8 +232,7 @@ impl Shell {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    self.sources
-                        .insert(token, Source::Http(HttpConn::new(stream)));
+                    self.sources.insert(token, Source::Http(HttpConn::new(stream)));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -311,14 +276,8 @@ impl Shell {
         let conn = token.0 as u64;
         match ev {
             HttpEvent::Request(request) => {
-                let unix_secs = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                self.feed(Input::Http {
-                    conn,
-                    request,
-                    unix_secs,
-                });
+                let unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                self.feed(Input::Http { conn, request, unix_secs });
             }
             HttpEvent::Upgrade(req, rest) => {
                 let Some(Source::Http(c)) = self.sources.remove(&token) else {
@@ -331,9 +290,7 @@ impl Shell {
                         self.sources.insert(token, Source::Bridge(bridge));
                         for ev in events {
                             match ev {
-                                BridgeEvent::Frame(frame) => {
-                                    self.feed(Input::BridgeFrame { conn, frame })
-                                }
+                                BridgeEvent::Frame(frame) => self.feed(Input::BridgeFrame { conn, frame }),
                                 BridgeEvent::Closed => self.close(token),
                             }
                         }
@@ -380,36 +337,21 @@ impl Shell {
             projects_dir: home().join(".claude").join("projects"),
         };
         let tmpdir = self.config.state_dir.join("tmp").join(proc.to_string());
-        let flag = if launch.resumes(&spec.session_uuid) {
-            "--resume"
-        } else {
-            "--session-id"
-        };
-        log::info!(
-            "process {proc}: starting {} {flag} {}",
-            self.config.claude_command,
-            spec.session_uuid
-        );
+        let flag = if launch.resumes(&spec.session_uuid) { "--resume" } else { "--session-id" };
+        log::info!("process {proc}: starting {} {flag} {}", self.config.claude_command, spec.session_uuid);
         match launch.spawn(spec, &tmpdir) {
             Ok((pid, master)) => {
                 let token = Token(self.next_token);
                 self.next_token += 1;
                 let fd = master.as_raw_fd();
-                if let Err(e) =
-                    self.poll
-                        .registry()
-                        .register(&mut SourceFd(&fd), token, Interest::READABLE)
-                {
+                if let Err(e) = self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE) {
                     log::error!("cannot watch claude's terminal: {e}");
                 }
                 self.sources.insert(token, Source::Terminal(proc));
                 self.children.insert(proc, Child { pid, master, token });
                 self.feed(Input::Spawned { proc, pid });
             }
-            Err(e) => self.feed(Input::SpawnFailed {
-                proc,
-                error: e.to_string(),
-            }),
+            Err(e) => self.feed(Input::SpawnFailed { proc, error: e.to_string() }),
         }
     }
 
@@ -462,27 +404,16 @@ impl Shell {
             if pid <= 0 {
                 return;
             }
-            let Some(proc) = self
-                .children
-                .iter()
-                .find(|(_, c)| c.pid == pid as u32)
-                .map(|(id, _)| *id)
-            else {
+            let Some(proc) = self.children.iter().find(|(_, c)| c.pid == pid as u32).map(|(id, _)| *id) else {
                 continue;
             };
             self.drain_terminal(proc);
             let child = self.children.remove(&proc).expect("child");
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&child.master.as_raw_fd()));
+            let _ = self.poll.registry().deregister(&mut SourceFd(&child.master.as_raw_fd()));
             self.sources.remove(&child.token);
             let tmpdir = self.config.state_dir.join("tmp").join(proc.to_string());
             let _ = std::fs::remove_dir_all(tmpdir);
-            self.feed(Input::Exited {
-                proc,
-                status: describe_status(status),
-            });
+            self.feed(Input::Exited { proc, status: describe_status(status) });
         }
     }
 }

@@ -35,10 +35,7 @@ impl Launch<'_> {
     /// `--resume` when the session's transcript exists, else `--session-id` (claude refuses
     /// to resume an unknown session and to reuse a known id).
     pub fn resumes(&self, uuid: &str) -> bool {
-        self.projects_dir
-            .join(project_dir_name(self.workspace))
-            .join(format!("{uuid}.jsonl"))
-            .exists()
+        self.projects_dir.join(project_dir_name(self.workspace)).join(format!("{uuid}.jsonl")).exists()
     }
 
     pub fn args(&self, spec: &SpawnSpec, resume: bool) -> Vec<String> {
@@ -62,6 +59,7 @@ impl Launch<'_> {
         let settings = json!({"hooks": {
             "Stop": hook(crate::engine::HOOK_STOP),
             "StopFailure": hook(crate::engine::HOOK_STOP_FAILURE),
+            "UserPromptSubmit": hook(crate::engine::HOOK_PROMPT),
         }});
         let c = self.config;
         let session_flag = if resume { "--resume" } else { "--session-id" };
@@ -93,22 +91,18 @@ impl Launch<'_> {
         let resume = self.resumes(&spec.session_uuid);
         let (master, slave) = open_pty()?;
         let mut cmd = Command::new(&self.config.claude_command);
-        cmd.args(self.args(spec, resume))
-            .current_dir(self.workspace);
+        cmd.args(self.args(spec, resume)).current_dir(self.workspace);
         // Nothing of synthesis's own configuration (the API key) reaches claude or its tools.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("SYNTHESIS_") {
                 cmd.env_remove(k);
             }
         }
-        cmd.env(HOOK_TOKEN_ENV, &spec.hook_token)
-            .env("TMPDIR", tmpdir);
+        cmd.env(HOOK_TOKEN_ENV, &spec.hook_token).env("TMPDIR", tmpdir);
         if std::env::var_os("TERM").is_none() {
             cmd.env("TERM", "xterm-256color");
         }
-        cmd.stdin(Stdio::from(slave.try_clone()?))
-            .stdout(Stdio::from(slave.try_clone()?))
-            .stderr(Stdio::from(slave));
+        cmd.stdin(Stdio::from(slave.try_clone()?)).stdout(Stdio::from(slave.try_clone()?)).stderr(Stdio::from(slave));
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
@@ -125,19 +119,15 @@ impl Launch<'_> {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| {
-            io::Error::new(e.kind(), format!("{}: {e}", self.config.claude_command))
-        })?;
+        let child =
+            cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.config.claude_command)))?;
         Ok((child.id(), master))
     }
 }
 
 /// Claude Code's project folder name: the cwd with every non-alphanumeric as `-`.
 pub fn project_dir_name(cwd: &Path) -> String {
-    cwd.to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect()
+    cwd.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect()
 }
 
 /// An unspecified listen address (0.0.0.0) is reached on loopback.
@@ -154,22 +144,9 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
 
 fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
     let (mut master, mut slave) = (0, 0);
-    let size = libc::winsize {
-        ws_row: ROWS,
-        ws_col: COLS,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let size = libc::winsize { ws_row: ROWS, ws_col: COLS, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: openpty writes two fds we then own.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &size,
-        )
-    };
+    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -191,10 +168,7 @@ mod tests {
 
     #[test]
     fn argv_carries_channel_hooks_session_and_permissions() {
-        let config = Config {
-            claude_args: vec!["--model".into(), "opus".into()],
-            ..Config::default()
-        };
+        let config = Config { claude_args: vec!["--model".into(), "opus".into()], ..Config::default() };
         let launch = Launch {
             config: &config,
             self_exe: Path::new("/opt/synthesis"),
@@ -202,60 +176,31 @@ mod tests {
             workspace: Path::new("/w"),
             projects_dir: PathBuf::from("/nonexistent"),
         };
-        let spec = SpawnSpec {
-            session_uuid: "u-1".into(),
-            bridge_token: "bt".into(),
-            hook_token: "ht".into(),
-        };
+        let spec = SpawnSpec { session_uuid: "u-1".into(), bridge_token: "bt".into(), hook_token: "ht".into() };
         let args = launch.args(&spec, false);
-        assert_eq!(
-            args[..2],
-            [
-                "--dangerously-load-development-channels",
-                "server:synthesis"
-            ]
-        );
+        assert_eq!(args[..2], ["--dangerously-load-development-channels", "server:synthesis"]);
         let mcp: serde_json::Value = serde_json::from_str(&args[3]).unwrap();
         let server = &mcp["mcpServers"]["synthesis"];
         assert_eq!(server["command"], "/opt/synthesis");
         assert_eq!(server["args"], json!(["channel"]));
-        assert_eq!(
-            server["env"]["SYNTHESIS_BRIDGE_URL"],
-            "ws://127.0.0.1:8787/bridge"
-        );
+        assert_eq!(server["env"]["SYNTHESIS_BRIDGE_URL"], "ws://127.0.0.1:8787/bridge");
         assert_eq!(server["env"]["SYNTHESIS_BRIDGE_TOKEN"], "bt");
         assert_eq!(args[4], "--strict-mcp-config");
         let settings: serde_json::Value = serde_json::from_str(&args[6]).unwrap();
         let stop = &settings["hooks"]["Stop"][0]["hooks"][0];
         assert_eq!(stop["url"], "http://127.0.0.1:8787/hooks/stop");
-        assert_eq!(
-            stop["headers"]["Authorization"],
-            "Bearer $SYNTHESIS_HOOK_TOKEN"
-        );
-        assert_eq!(
-            settings["hooks"]["StopFailure"][0]["hooks"][0]["url"],
-            "http://127.0.0.1:8787/hooks/stop-failure"
-        );
+        assert_eq!(stop["headers"]["Authorization"], "Bearer $SYNTHESIS_HOOK_TOKEN");
+        assert_eq!(settings["hooks"]["StopFailure"][0]["hooks"][0]["url"], "http://127.0.0.1:8787/hooks/stop-failure");
         assert_eq!(args[7..9], ["--session-id", "u-1"]);
         assert_eq!(launch.args(&spec, true)[7], "--resume");
         assert_eq!(
             args[9..],
-            [
-                "--permission-mode",
-                "default",
-                "--allowed-tools",
-                "mcp__synthesis__*",
-                "--model",
-                "opus"
-            ]
+            ["--permission-mode", "default", "--allowed-tools", "mcp__synthesis__*", "--model", "opus"]
         );
     }
 
     #[test]
     fn project_dir_replaces_non_alphanumerics() {
-        assert_eq!(
-            project_dir_name(Path::new("/home/u/my_work.1")),
-            "-home-u-my-work-1"
-        );
+        assert_eq!(project_dir_name(Path::new("/home/u/my_work.1")), "-home-u-my-work-1");
     }
 }

@@ -17,10 +17,7 @@ pub struct Request {
 
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     /// The token of an `Authorization: Bearer <token>` header.
@@ -31,8 +28,7 @@ impl Request {
     }
 
     pub fn is_websocket_upgrade(&self) -> bool {
-        self.header("upgrade")
-            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        self.header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
     }
 }
 
@@ -60,9 +56,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<Parsed>, Pars
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err(ParseError::HeadTooLarge)
-        }
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(ParseError::HeadTooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(ParseError::Malformed(e.to_string())),
     };
@@ -74,20 +68,13 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<Parsed>, Pars
             (h.name.to_ascii_lowercase(), value)
         })
         .collect();
-    let find = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let find = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
     if find("transfer-encoding").is_some_and(|v| !v.eq_ignore_ascii_case("identity")) {
         return Err(ParseError::LengthRequired);
     }
     let length = match find("content-length") {
         None => 0,
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| ParseError::Malformed(format!("bad content-length {v:?}")))?,
+        Some(v) => v.parse::<usize>().map_err(|_| ParseError::Malformed(format!("bad content-length {v:?}")))?,
     };
     if length > max_body {
         return Err(ParseError::BodyTooLarge(length));
@@ -106,11 +93,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<Parsed>, Pars
         headers,
         body: String::from_utf8_lossy(&buf[head_len..head_len + length]).into_owned(),
     };
-    Ok(Some(Parsed {
-        request,
-        consumed: head_len + length,
-        keep_alive,
-    }))
+    Ok(Some(Parsed { request, consumed: head_len + length, keep_alive }))
 }
 
 /// A complete response with a known body.
@@ -123,11 +106,7 @@ pub struct Response {
 
 impl Response {
     pub fn json(status: u16, body: String) -> Self {
-        Response {
-            status,
-            headers: vec![("content-type".into(), "application/json".into())],
-            body,
-        }
+        Response { status, headers: vec![("content-type".into(), "application/json".into())], body }
     }
 
     pub fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
@@ -224,10 +203,7 @@ mod tests {
     #[test]
     fn refuses_oversized_bodies_before_reading_them() {
         let raw = b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n";
-        assert_eq!(
-            parse_request(raw, 10).unwrap_err(),
-            ParseError::BodyTooLarge(11)
-        );
+        assert_eq!(parse_request(raw, 10).unwrap_err(), ParseError::BodyTooLarge(11));
     }
 
     #[test]

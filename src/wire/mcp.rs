@@ -27,7 +27,8 @@ pub fn negotiate(client: Option<&str>) -> &str {
     }
 }
 
-pub const INSTRUCTIONS: &str = "Messages from the user arrive as <channel source=\"synthesis\" chat_id=\"...\">text</channel>. \
+pub const INSTRUCTIONS: &str =
+    "Messages from the user arrive as <channel source=\"synthesis\" chat_id=\"...\">text</channel>. \
 Answer every such message by calling the `reply` tool with the same chat_id and your complete answer as text. \
 The user sees only what you pass to `reply`.";
 
@@ -63,10 +64,7 @@ pub fn tool_text(text: &str, is_error: bool) -> Value {
 }
 
 pub fn channel_message(content: &str, chat_id: &str) -> String {
-    notification(
-        "notifications/claude/channel",
-        json!({"content": content, "meta": {"chat_id": chat_id}}),
-    )
+    notification("notifications/claude/channel", json!({"content": content, "meta": {"chat_id": chat_id}}))
 }
 
 #[cfg(test)]

@@ -38,11 +38,9 @@ impl ChatMessage {
     pub fn text(&self) -> String {
         match &self.content {
             Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join("\n"),
+            Some(Value::Array(parts)) => {
+                parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n")
+            }
             _ => String::new(),
         }
     }
@@ -52,11 +50,7 @@ impl ChatRequest {
     /// The new input of this request: the user messages after the last assistant message,
     /// joined by blank lines. Earlier history is already in Claude's own session.
     pub fn new_user_text(&self) -> String {
-        let start = self
-            .messages
-            .iter()
-            .rposition(|m| m.role == "assistant")
-            .map_or(0, |i| i + 1);
+        let start = self.messages.iter().rposition(|m| m.role == "assistant").map_or(0, |i| i + 1);
         self.messages[start..]
             .iter()
             .filter(|m| m.role == "user")
@@ -67,9 +61,7 @@ impl ChatRequest {
     }
 
     pub fn include_usage(&self) -> bool {
-        self.stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage)
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
     }
 }
 
@@ -159,13 +151,7 @@ impl ApiError {
             429 => "rate_limit_error",
             _ => "server_error",
         };
-        ApiError {
-            status,
-            kind: kind.into(),
-            code: code.into(),
-            message: message.into(),
-            retry_after: None,
-        }
+        ApiError { status, kind: kind.into(), code: code.into(), message: message.into(), retry_after: None }
     }
 
     pub fn retry_after(mut self, secs: u64) -> Self {
@@ -174,7 +160,6 @@ impl ApiError {
     }
 
     pub fn body(&self) -> String {
-        json!({"error": {"message": self.message, "type": self.kind, "code": self.code}})
-            .to_string()
+        json!({"error": {"message": self.message, "type": self.kind, "code": self.code}}).to_string()
     }
 }

@@ -18,11 +18,7 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 pub fn fake_claude() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_synthesis"));
     let path = bin.parent().unwrap().join("examples").join("fake_claude");
-    assert!(
-        path.exists(),
-        "{} missing: cargo test builds examples",
-        path.display()
-    );
+    assert!(path.exists(), "{} missing: cargo test builds examples", path.display());
     path
 }
 
@@ -36,8 +32,7 @@ pub struct Daemon {
 impl Daemon {
     /// Start synthesis with `extra` config lines and `env` for it (and so for fake claude).
     pub fn start(name: &str, extra: &str, env: &[(&str, &str)]) -> Daemon {
-        let dir =
-            std::env::temp_dir().join(format!("synthesis-test-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("synthesis-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["home", "ws", "state"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -72,48 +67,24 @@ impl Daemon {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut d = Daemon {
-            child,
-            port: 0,
-            dir,
-            log,
-        };
+        let mut d = Daemon { child, port: 0, dir, log };
         let line = d.wait_log("listening on http://127.0.0.1:");
-        d.port = line
-            .split("127.0.0.1:")
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        d.port = line.split("127.0.0.1:").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
         d
     }
 
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .cloned()
-            .collect()
+        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
     }
 
     /// Wait for a log line containing `needle`.
     pub fn wait_log(&self, needle: &str) -> String {
-        wait_for(&format!("log line {needle:?}"), || {
-            self.log_lines(needle).into_iter().next()
-        })
+        wait_for(&format!("log line {needle:?}"), || self.log_lines(needle).into_iter().next())
     }
 
     /// Pids of the claude processes synthesis started, from its log.
     pub fn claude_pids(&self) -> Vec<i32> {
-        self.log_lines("is claude pid ")
-            .iter()
-            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-            .collect()
+        self.log_lines("is claude pid ").iter().map(|l| l.rsplit(' ').next().unwrap().parse().unwrap()).collect()
     }
 
     /// The channel notifications fake claude received, in order.
@@ -164,12 +135,7 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 pub fn alive(pid: i32) -> bool {
     // A zombie is dead for our purposes; /proc/<pid>/stat shows state Z.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -184,12 +150,7 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
         if fields[2].parse::<i32>() == Ok(pgid) && fields[0] != "Z" {
             out.push(pid);
         }
@@ -209,19 +170,12 @@ impl Response {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     /// The `data:` payloads of an SSE body.
     pub fn events(&self) -> Vec<String> {
-        self.body
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .map(String::from)
-            .collect()
+        self.body.lines().filter_map(|l| l.strip_prefix("data: ")).map(String::from).collect()
     }
 }
 
@@ -235,9 +189,7 @@ impl Client {
         let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.set_read_timeout(Some(DEADLINE)).unwrap();
         stream.set_write_timeout(Some(DEADLINE)).unwrap();
-        Client {
-            stream: BufReader::new(stream),
-        }
+        Client { stream: BufReader::new(stream) }
     }
 
     /// A second handle on the socket, to write from another thread.
@@ -249,17 +201,8 @@ impl Client {
         self.stream.get_mut().write_all(raw).unwrap();
     }
 
-    pub fn request(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> Response {
-        let mut raw = format!(
-            "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\n",
-            body.len()
-        );
+    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
+        let mut raw = format!("{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\n", body.len());
         for (n, v) in headers {
             raw.push_str(&format!("{n}: {v}\r\n"));
         }
@@ -289,12 +232,7 @@ impl Client {
     pub fn read_response(&mut self) -> Response {
         let mut line = String::new();
         self.stream.read_line(&mut line).unwrap();
-        let status = line
-            .split(' ')
-            .nth(1)
-            .unwrap_or_else(|| panic!("bad status line {line:?}"))
-            .parse()
-            .unwrap();
+        let status = line.split(' ').nth(1).unwrap_or_else(|| panic!("bad status line {line:?}")).parse().unwrap();
         let mut headers = Vec::new();
         loop {
             line.clear();
@@ -306,12 +244,7 @@ impl Client {
             let (n, v) = l.split_once(':').unwrap();
             headers.push((n.to_ascii_lowercase(), v.trim().to_string()));
         }
-        let find = |n: &str| {
-            headers
-                .iter()
-                .find(|(h, _)| h == n)
-                .map(|(_, v): &(String, String)| v.clone())
-        };
+        let find = |n: &str| headers.iter().find(|(h, _)| h == n).map(|(_, v): &(String, String)| v.clone());
         let body = if find("transfer-encoding").as_deref() == Some("chunked") {
             self.read_chunked()
         } else {
@@ -320,11 +253,7 @@ impl Client {
             self.stream.read_exact(&mut buf).unwrap();
             String::from_utf8(buf).unwrap()
         };
-        Response {
-            status,
-            headers,
-            body,
-        }
+        Response { status, headers, body }
     }
 
     fn read_chunked(&mut self) -> String {

@@ -84,29 +84,12 @@ impl Script {
 
     /// Spawn answered, dev dialog shown and confirmed, channel says hello.
     /// Returns the outputs of the hello (usually the delivery).
-    pub fn start_process(
-        &mut self,
-        proc: u64,
-        pid: u32,
-        bridge_conn: u64,
-        token: &str,
-    ) -> Vec<Output> {
+    pub fn start_process(&mut self, proc: u64, pid: u32, bridge_conn: u64, token: &str) -> Vec<Output> {
         assert!(self.input(Input::Spawned { proc, pid }).is_empty());
         let dialog = "\x1b[2J WARNING: Loading development channels\r\n I am using this for local development";
-        assert!(self
-            .input(Input::Terminal {
-                proc,
-                text: dialog.into()
-            })
-            .is_empty());
+        assert!(self.input(Input::Terminal { proc, text: dialog.into() }).is_empty());
         let confirm = self.advance(Duration::from_millis(300));
-        assert_eq!(
-            confirm,
-            vec![Output::WriteTerminal {
-                proc,
-                data: "\r".into()
-            }]
-        );
+        assert_eq!(confirm, vec![Output::WriteTerminal { proc, data: "\r".into() }]);
         self.input(hello(bridge_conn, token))
     }
 }
@@ -115,20 +98,13 @@ pub fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -
     Request {
         method: method.into(),
         path: path.into(),
-        headers: headers
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect(),
+        headers: headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
         body: body.into(),
     }
 }
 
 pub fn http(conn: u64, request: Request) -> Input {
-    Input::Http {
-        conn,
-        request,
-        unix_secs: 1_790_000_000,
-    }
+    Input::Http { conn, request, unix_secs: 1_790_000_000 }
 }
 
 /// A chat request from `session` whose last user message is `text`.
@@ -140,60 +116,32 @@ pub fn chat(conn: u64, session: &str, text: &str, stream: bool) -> Input {
         "stream_options": {"include_usage": true},
     });
     let auth = format!("Bearer {KEY}");
-    let headers = [
-        ("authorization", auth.as_str()),
-        ("x-session-affinity", session),
-    ];
-    http(
-        conn,
-        request("POST", "/v1/chat/completions", &headers, &body.to_string()),
-    )
+    let headers = [("authorization", auth.as_str()), ("x-session-affinity", session)];
+    http(conn, request("POST", "/v1/chat/completions", &headers, &body.to_string()))
 }
 
 pub fn hello(conn: u64, token: &str) -> Input {
-    Input::BridgeFrame {
-        conn,
-        frame: FromChannel::Hello {
-            v: 1,
-            token: token.into(),
-        },
-    }
+    Input::BridgeFrame { conn, frame: FromChannel::Hello { v: 1, token: token.into() } }
 }
 
 pub fn reply(conn: u64, chat_id: &str, text: &str) -> Input {
-    let frame = FromChannel::Reply {
-        chat_id: chat_id.into(),
-        text: text.into(),
-    };
+    let frame = FromChannel::Reply { chat_id: chat_id.into(), text: text.into() };
     Input::BridgeFrame { conn, frame }
 }
 
 pub fn stop_hook(conn: u64, token: &str, last: Option<&str>) -> Input {
-    let mut body =
-        json!({"session_id": "s", "hook_event_name": "Stop", "transcript_path": "/t", "cwd": "/w"});
+    let mut body = json!({"session_id": "s", "hook_event_name": "Stop", "transcript_path": "/t", "cwd": "/w"});
     if let Some(last) = last {
         body["last_assistant_message"] = json!(last);
     }
     let auth = format!("Bearer {token}");
-    http(
-        conn,
-        request(
-            "POST",
-            "/hooks/stop",
-            &[("authorization", &auth)],
-            &body.to_string(),
-        ),
-    )
+    http(conn, request("POST", "/hooks/stop", &[("authorization", &auth)], &body.to_string()))
 }
 
 /// The status and parsed JSON body of a `Respond` output.
 pub fn response(out: &Output) -> (u64, u16, Value) {
     match out {
-        Output::Respond { conn, response } => (
-            *conn,
-            response.status,
-            serde_json::from_str(&response.body).unwrap(),
-        ),
+        Output::Respond { conn, response } => (*conn, response.status, serde_json::from_str(&response.body).unwrap()),
         other => panic!("expected a response, got {other:?}"),
     }
 }
@@ -215,8 +163,13 @@ pub fn stream_events(outs: &[Output], conn: u64) -> Vec<String> {
 }
 
 pub fn hook_ok(conn: u64) -> Output {
-    Output::Respond {
-        conn,
-        response: synthesis::wire::http::Response::json(200, "{}".into()),
-    }
+    Output::Respond { conn, response: synthesis::wire::http::Response::json(200, "{}".into()) }
+}
+
+/// Claude's `UserPromptSubmit` hook for a channel message: proof the message got through.
+pub fn prompt_hook(conn: u64, token: &str, chat_id: &str) -> Input {
+    let prompt = format!("<channel source=\"synthesis\" chat_id=\"{chat_id}\">\nx\n</channel>");
+    let body = json!({"session_id": "s", "hook_event_name": "UserPromptSubmit", "prompt": prompt});
+    let auth = format!("Bearer {token}");
+    http(conn, request("POST", "/hooks/prompt", &[("authorization", &auth)], &body.to_string()))
 }
