@@ -568,3 +568,15 @@ fn a_claude_that_never_takes_the_message_fails_the_turn_after_four_deliveries() 
     let (_, status, body) = response(&out[1]);
     assert_eq!((status, body["error"]["code"].as_str()), (502, Some("claude_ignored_message")));
 }
+
+#[test]
+fn the_api_key_question_fails_fast_with_what_to_do() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "hi", false));
+    s.input(Input::Spawned { proc: 1, pid: 7 });
+    let screen = " Detected a custom API key in your environment\r\n Do you want to use this API key?\r\n Yes\r\n ❯ No (recommended)\r\n";
+    let out = s.input(Input::Terminal { proc: 1, text: screen.into() });
+    assert_eq!(out[0], Output::Signal { proc: 1, signal: Signal::Term });
+    let (_, status, body) = response(&out[1]);
+    assert_eq!((status, body["error"]["code"].as_str()), (502, Some("api_key_not_approved")));
+}

@@ -241,6 +241,15 @@ impl Engine {
                     self.fail_process(now, id, ApiError::new(502, "workspace_not_trusted", msg));
                     return;
                 }
+                Prompt::ApiKeyApproval => {
+                    let msg = format!(
+                        "claude asks whether to use the ANTHROPIC_API_KEY of its environment (its default answer is No); \
+                         run `claude` once as this user and answer Yes, or remove the variable. {}",
+                        self.procs[&id].tail()
+                    );
+                    self.fail_process(now, id, ApiError::new(502, "api_key_not_approved", msg));
+                    return;
+                }
                 Prompt::Interrupted => {}
             }
         }

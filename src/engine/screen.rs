@@ -14,6 +14,8 @@ pub enum Prompt {
     DevChannels,
     /// Workspace trust: the default answer exits claude; accepting is the operator's call.
     WorkspaceTrust,
+    /// "Detected a custom API key ... Do you want to use this API key?": the default is No.
+    ApiKeyApproval,
     /// "Interrupted" after an ESC.
     Interrupted,
 }
@@ -21,6 +23,7 @@ pub enum Prompt {
 const MARKERS: &[(&str, Prompt)] = &[
     ("Iamusingthisforlocaldevelopment", Prompt::DevChannels),
     ("Yes,Itrustthisfolder", Prompt::WorkspaceTrust),
+    ("DoyouwanttousethisAPIkey?", Prompt::ApiKeyApproval),
     ("Interrupted", Prompt::Interrupted),
 ];
 

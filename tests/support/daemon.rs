@@ -42,11 +42,16 @@ impl Daemon {
 
     /// Start (again) on an existing directory, keeping HOME and state.
     pub fn start_in(dir: PathBuf, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::launch(dir, &fake_claude(), extra, env)
+    }
+
+    /// Start with `claude` as claude_command.
+    pub fn launch(dir: PathBuf, claude: &std::path::Path, extra: &str, env: &[(&str, &str)]) -> Daemon {
         let conf = format!(
             "listen = 127.0.0.1:0\napi_key = {API_KEY}\nstate_dir = {}\nworkspace = {}\nclaude_command = {}\n{extra}\n",
             dir.join("state").display(),
             dir.join("ws").display(),
-            fake_claude().display()
+            claude.display()
         );
         std::fs::write(dir.join("synthesis.conf"), conf).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_synthesis"))

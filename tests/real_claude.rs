@@ -1,0 +1,199 @@
+//! End-to-end tests against the real Claude Code CLI, offline: claude talks to the scripted
+//! fake Anthropic API in `tests/real_claude/fake_anthropic.py`, in an isolated, seeded HOME.
+//!
+//! They need the CLI, so plain `cargo test` lists them as ignored. `.ci/run` installs the pinned
+//! version and runs them with `SYNTHESIS_REAL_CLAUDE=<path to claude> cargo test --test real_claude -- --ignored`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use support::daemon::*;
+
+const API_KEY_ENV: &str = "sk-ant-test-offline-key";
+const NEEDS: &str = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)";
+
+/// A fake Anthropic API plus a synthesis whose claude_command is the real CLI.
+struct Real {
+    api: Child,
+    api_log: PathBuf,
+    env: Vec<(String, String)>,
+    claude: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+impl Real {
+    fn start(name: &str) -> Real {
+        let claude = PathBuf::from(std::env::var("SYNTHESIS_REAL_CLAUDE").expect(NEEDS));
+        let dir = std::env::temp_dir().join(format!("synthesis-real-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["home", "ws", "state"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        seed_home(&dir);
+        let api_log = dir.join("api.jsonl");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/real_claude/fake_anthropic.py");
+        let mut api =
+            Command::new("python3").args([script, api_log.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(api.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().strip_prefix("PORT ").expect("fake API port");
+        let env = [
+            ("ANTHROPIC_BASE_URL", format!("http://127.0.0.1:{port}")),
+            ("ANTHROPIC_API_KEY", API_KEY_ENV.into()),
+            ("DISABLE_AUTOUPDATER", "1".into()),
+            ("DISABLE_TELEMETRY", "1".into()),
+            ("DISABLE_ERROR_REPORTING", "1".into()),
+            ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".into()),
+            ("CLAUDE_CODE_GB_DISK_CACHE_WHEN_TELEMETRY_OFF", "1".into()),
+        ];
+        let env = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let mut real = Real { api, api_log, env, claude, daemon: None };
+        real.restart_daemon(dir);
+        real
+    }
+
+    fn restart_daemon(&mut self, dir: PathBuf) {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.daemon = Some(Daemon::launch(dir, &self.claude, "", &env));
+    }
+
+    fn d(&self) -> &Daemon {
+        self.daemon.as_ref().unwrap()
+    }
+
+    /// The /v1/messages bodies claude sent, in order.
+    fn api_requests(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.api_log).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// The `<channel>` bodies in the newest API request that carries any.
+    fn channel_bodies_seen_last(&self) -> Vec<String> {
+        let bodies = |r: &Value| channel_bodies(&r["messages"].to_string());
+        self.api_requests().iter().rev().map(bodies).find(|b| !b.is_empty()).unwrap_or_default()
+    }
+}
+
+impl Drop for Real {
+    fn drop(&mut self) {
+        drop(self.daemon.take());
+        let _ = self.api.kill();
+        let _ = self.api.wait();
+    }
+}
+
+/// The inner texts of every `<channel ...>...</channel>` in JSON-escaped messages.
+fn channel_bodies(s: &str) -> Vec<String> {
+    s.split("<channel ")
+        .skip(1)
+        .filter_map(|part| {
+            let (attrs, body) = part.split_once('>')?;
+            // Skip the example tag in the channel's instructions, which claude also shows the model.
+            attrs.contains("chat-").then_some(())?;
+            Some(body.split_once("</channel>")?.0.replace("\\n", "\n").trim().to_string())
+        })
+        .collect()
+}
+
+/// What `claude` needs in HOME to start unattended: onboarding done, the API key approved,
+/// the workspace trusted, and the channel feature flags a claude.ai login would fetch.
+fn seed_home(dir: &std::path::Path) {
+    let ws = dir.join("ws").canonicalize().unwrap();
+    let cfg = json!({
+        "hasCompletedOnboarding": true,
+        "theme": "dark",
+        // claude remembers approved keys by their last 20 characters.
+        "customApiKeyResponses": {"approved": [&API_KEY_ENV[API_KEY_ENV.len() - 20..]], "rejected": []},
+        "cachedGrowthBookFeatures": {"tengu_harbor": true, "tengu_harbor_permissions": true},
+        "projects": {ws.to_str().unwrap(): {
+            "hasTrustDialogAccepted": true, "hasCompletedProjectOnboarding": true,
+            "allowedTools": [], "mcpServers": {}
+        }},
+    });
+    std::fs::write(dir.join("home/.claude.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+}
+
+fn content(r: &Response) -> String {
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn a_turn_answered_through_reply_then_a_second_turn_delivers_only_the_new_text() {
+    let real = Real::start("reply");
+    let t = Instant::now();
+    assert_eq!(content(&real.d().client().chat("a", "hello claude", false)), "echo: hello claude");
+    eprintln!("cold start + first turn: {:?}", t.elapsed());
+    let t = Instant::now();
+    let r = real.d().client().chat("a", "second message", true);
+    eprintln!("warm streamed turn: {:?}", t.elapsed());
+    let text: String = r.events()[..r.events().len() - 1]
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(String::from))
+        .collect();
+    assert_eq!(text, "echo: second message");
+    assert_eq!(real.channel_bodies_seen_last(), ["hello claude", "second message"], "one message per turn");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn a_turn_without_reply_is_answered_by_last_assistant_message_and_two_replies_both_arrive() {
+    let real = Real::start("plain");
+    assert_eq!(content(&real.d().client().chat("a", "#plain just text", false)), "PLAIN: #plain just text");
+    assert_eq!(content(&real.d().client().chat("a", "#reply2 go", false)), "part 1\n\npart 2");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn after_a_restart_the_session_resumes_with_its_history() {
+    let mut real = Real::start("resume");
+    assert_eq!(content(&real.d().client().chat("a", "remember apples", false)), "echo: remember apples");
+    let mut d = real.daemon.take().unwrap();
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(), Some(0));
+    let dir = d.dir.clone();
+    drop(d);
+    real.restart_daemon(dir);
+    assert_eq!(content(&real.d().client().chat("a", "what was it", false)), "echo: what was it");
+    assert_eq!(real.d().log_lines(" --resume ").len(), 1);
+    assert_eq!(real.channel_bodies_seen_last(), ["remember apples", "what was it"], "history resumed");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn a_client_disconnect_interrupts_claude_and_the_next_turn_works() {
+    let real = Real::start("interrupt");
+    assert_eq!(content(&real.d().client().chat("a", "warm up", false)), "echo: warm up");
+    let mut c = real.d().client();
+    let body = r##"{"messages":[{"role":"user","content":"#slow30 take your time"}],"stream":true}"##;
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nauthorization: Bearer {API_KEY}\r\nx-session-affinity: a\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    c.send_raw(raw.as_bytes());
+    wait_for("claude to call the API for the slow turn", || {
+        real.channel_bodies_seen_last().last().is_some_and(|b| b.contains("#slow30")).then_some(())
+    });
+    drop(c);
+    real.d().wait_log("interrupting chat-2");
+    let t = Instant::now();
+    assert_eq!(content(&real.d().client().chat("a", "after the interrupt", false)), "echo: after the interrupt");
+    eprintln!("turn after interrupt: {:?}", t.elapsed());
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn an_api_error_ends_the_turn_with_an_error_response() {
+    let real = Real::start("apierror");
+    let r = real.d().client().chat("a", "#err400 fail please", false);
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "claude_api_error");
+    assert_eq!(content(&real.d().client().chat("a", "and now", false)), "echo: and now");
+}
