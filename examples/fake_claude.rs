@@ -47,6 +47,10 @@ struct Fake {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--version") {
+        println!("0.0.0 (fake Claude Code)");
+        return;
+    }
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     if unsafe { libc::isatty(1) } == 0 {
         fail("Error: Input must be provided either through stdin or as a prompt argument when using --print");
@@ -95,6 +99,11 @@ fn main() {
         inbox: Vec::new(),
     };
     fake.handshake();
+    if let Some(path) = flag("--debug-file") {
+        // What claude logs once the channel's notifications are wired up.
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("debug file");
+        writeln!(f, "[DEBUG] MCP server \"synthesis\": Channel notifications registered").unwrap();
+    }
     fake.serve();
 }
 

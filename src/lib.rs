@@ -2,6 +2,7 @@
 
 pub mod channel;
 pub mod config;
+pub mod doctor;
 pub mod engine;
 pub mod persist;
 pub mod shell;

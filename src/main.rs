@@ -9,6 +9,14 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("channel") => synthesis::channel::run(),
+        Some("doctor") => {
+            let config = config_path(&args[1..]).and_then(|p| synthesis::config::Config::load(p.as_deref()));
+            match config.and_then(|c| synthesis::doctor::run(&c)) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e),
+            }
+        }
         Some("-h" | "--help") => {
             println!("{USAGE}");
             Ok(())
@@ -28,6 +36,7 @@ fn main() -> ExitCode {
 
 const USAGE: &str = "usage:
   synthesis [--config PATH]   run the service (default config: environment only)
+  synthesis doctor [--config PATH]   check claude, login, workspace trust and the channel
   synthesis channel           the MCP channel server claude starts (not for manual use)";
 
 fn config_path(args: &[String]) -> Result<Option<String>, String> {

@@ -17,11 +17,43 @@ use support::daemon::*;
 const API_KEY_ENV: &str = "sk-ant-test-offline-key";
 const NEEDS: &str = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)";
 
+/// The scripted Anthropic API, on a loopback port.
+struct FakeApi {
+    child: Child,
+    port: String,
+    log: PathBuf,
+}
+
+impl FakeApi {
+    fn start(dir: &std::path::Path) -> FakeApi {
+        let log = dir.join("api.jsonl");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/real_claude/fake_anthropic.py");
+        let mut child =
+            Command::new("python3").args([script, log.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().strip_prefix("PORT ").expect("fake API port").to_string();
+        FakeApi { child, port, log }
+    }
+
+    /// claude's environment: offline, and this API as its endpoint.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = offline_env();
+        env.push(("ANTHROPIC_BASE_URL", format!("http://127.0.0.1:{}", self.port)));
+        env
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A fake Anthropic API plus a synthesis whose claude_command is the real CLI.
 struct Real {
-    api: Child,
-    api_log: PathBuf,
-    env: Vec<(String, String)>,
+    api: FakeApi,
     claude: PathBuf,
     daemon: Option<Daemon>,
 }
@@ -35,30 +67,15 @@ impl Real {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         seed_home(&dir);
-        let api_log = dir.join("api.jsonl");
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/real_claude/fake_anthropic.py");
-        let mut api =
-            Command::new("python3").args([script, api_log.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(api.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().strip_prefix("PORT ").expect("fake API port");
-        let env = [
-            ("ANTHROPIC_BASE_URL", format!("http://127.0.0.1:{port}")),
-            ("ANTHROPIC_API_KEY", API_KEY_ENV.into()),
-            ("DISABLE_AUTOUPDATER", "1".into()),
-            ("DISABLE_TELEMETRY", "1".into()),
-            ("DISABLE_ERROR_REPORTING", "1".into()),
-            ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".into()),
-            ("CLAUDE_CODE_GB_DISK_CACHE_WHEN_TELEMETRY_OFF", "1".into()),
-        ];
-        let env = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        let mut real = Real { api, api_log, env, claude, daemon: None };
+        let api = FakeApi::start(&dir);
+        let mut real = Real { api, claude, daemon: None };
         real.restart_daemon(dir);
         real
     }
 
     fn restart_daemon(&mut self, dir: PathBuf) {
-        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let env = self.api.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         self.daemon = Some(Daemon::launch(dir, &self.claude, "", &env));
     }
 
@@ -68,7 +85,7 @@ impl Real {
 
     /// The /v1/messages bodies claude sent, in order.
     fn api_requests(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(&self.api_log).unwrap_or_default();
+        let text = std::fs::read_to_string(&self.api.log).unwrap_or_default();
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
@@ -76,14 +93,6 @@ impl Real {
     fn channel_bodies_seen_last(&self) -> Vec<String> {
         let bodies = |r: &Value| channel_bodies(&r["messages"].to_string());
         self.api_requests().iter().rev().map(bodies).find(|b| !b.is_empty()).unwrap_or_default()
-    }
-}
-
-impl Drop for Real {
-    fn drop(&mut self) {
-        drop(self.daemon.take());
-        let _ = self.api.kill();
-        let _ = self.api.wait();
     }
 }
 
@@ -101,21 +110,83 @@ fn channel_bodies(s: &str) -> Vec<String> {
 }
 
 /// What `claude` needs in HOME to start unattended: onboarding done, the API key approved,
-/// the workspace trusted, and the channel feature flags a claude.ai login would fetch.
-fn seed_home(dir: &std::path::Path) {
-    let ws = dir.join("ws").canonicalize().unwrap();
-    let cfg = json!({
+/// the workspace trusted (`"projects": "WS"` for the doctor helper), and the channel feature flags
+/// a claude.ai login would fetch.
+fn seed() -> Value {
+    json!({
         "hasCompletedOnboarding": true,
         "theme": "dark",
         // claude remembers approved keys by their last 20 characters.
         "customApiKeyResponses": {"approved": [&API_KEY_ENV[API_KEY_ENV.len() - 20..]], "rejected": []},
         "cachedGrowthBookFeatures": {"tengu_harbor": true, "tengu_harbor_permissions": true},
-        "projects": {ws.to_str().unwrap(): {
-            "hasTrustDialogAccepted": true, "hasCompletedProjectOnboarding": true,
-            "allowedTools": [], "mcpServers": {}
-        }},
-    });
+        "projects": "WS",
+    })
+}
+
+fn seed_home(dir: &std::path::Path) {
+    let ws = dir.join("ws").canonicalize().unwrap();
+    let mut cfg = seed();
+    cfg["projects"] = json!({ws.to_str().unwrap(): {
+        "hasTrustDialogAccepted": true, "hasCompletedProjectOnboarding": true, "allowedTools": [], "mcpServers": {}
+    }});
     std::fs::write(dir.join("home/.claude.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+}
+
+/// The environment of an offline claude (the fake API's port aside).
+fn offline_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("ANTHROPIC_API_KEY", API_KEY_ENV.into()),
+        ("DISABLE_AUTOUPDATER", "1".into()),
+        ("DISABLE_TELEMETRY", "1".into()),
+        ("DISABLE_ERROR_REPORTING", "1".into()),
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".into()),
+        ("CLAUDE_CODE_GB_DISK_CACHE_WHEN_TELEMETRY_OFF", "1".into()),
+    ]
+}
+
+fn real_doctor(name: &str, seed: Value) -> (bool, String) {
+    let claude = PathBuf::from(std::env::var("SYNTHESIS_REAL_CLAUDE").expect(NEEDS));
+    // Without a reachable API endpoint claude spends ~18 s retrying its policy fetch at start.
+    let api_dir = std::env::temp_dir().join(format!("synthesis-real-doctor-api-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&api_dir).unwrap();
+    let api = FakeApi::start(&api_dir);
+    let env = api.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = doctor(&format!("real-{name}"), &claude, Some(seed), &env);
+    (out.status.success(), report(&out))
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn doctor_passes_with_a_working_channel() {
+    let (ok, text) = real_doctor("fine", seed());
+    assert!(ok, "{text}");
+    assert!(text.contains("ok    version 2."), "{text}");
+    assert!(text.contains("ok    claude registered the synthesis channel"), "{text}");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn doctor_explains_a_channels_feature_that_is_off() {
+    let mut s = seed();
+    s["cachedGrowthBookFeatures"] = json!({});
+    let (ok, text) = real_doctor("nochannels", s);
+    assert!(!ok);
+    assert!(
+        text.contains("FIX   claude skipped the synthesis channel: channels feature is not currently available"),
+        "{text}"
+    );
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn doctor_explains_an_untrusted_workspace() {
+    let mut s = seed();
+    s["projects"] = json!({});
+    let (ok, text) = real_doctor("untrusted", s);
+    assert!(!ok);
+    assert!(text.contains("is not trusted: run `claude` there once"), "{text}");
+    assert!(text.contains("FIX   claude asks whether to trust the workspace"), "the real CLI asked: {text}");
 }
 
 fn content(r: &Response) -> String {

@@ -2,17 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use super::screen::{Prompt, Screen};
+use super::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_ANSWER};
 use super::session::Answer;
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, Signal, SpawnSpec};
 use crate::wire::bridge::{self, FromChannel, ToChannel};
 use crate::wire::openai::ApiError;
 
-/// Pause between seeing the development-channels warning and pressing Enter: the real TUI
-/// drops keys that arrive before it has finished drawing the dialog.
-const CONFIRM_DELAY: Duration = Duration::from_millis(300);
-/// Keys that pick "Yes, I trust this folder" (option 1) on the workspace-trust screen.
-const TRUST_ANSWER: &str = "1";
 /// How long an unproven channel has to show (by `UserPromptSubmit`) that a message got through.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_DELIVERIES: u32 = 4;
@@ -446,7 +441,7 @@ impl Engine {
         let Some(conn) = bridge.filter(|_| !p.channel_proven) else { return };
         if p.deliveries >= MAX_DELIVERIES {
             let msg = format!(
-                "{} never took the message into a turn ({} deliveries); {}",
+                "{} never took the message into a turn ({} deliveries): its channel may not be registered, run `synthesis doctor`; {}",
                 p.describe(),
                 p.deliveries,
                 p.tail()

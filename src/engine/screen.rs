@@ -1,6 +1,8 @@
 //! What claude shows on its terminal: a bounded, ANSI-stripped tail for error messages,
 //! and recognition of the screens that would block an unattended claude.
 
+use std::time::Duration;
+
 /// Characters of plain terminal text kept for error messages.
 const TAIL_CHARS: usize = 4000;
 /// Characters of whitespace-free text searched for screen markers.
@@ -26,6 +28,12 @@ const MARKERS: &[(&str, Prompt)] = &[
     ("DoyouwanttousethisAPIkey?", Prompt::ApiKeyApproval),
     ("Interrupted", Prompt::Interrupted),
 ];
+
+/// Pause between seeing the development-channels warning and pressing Enter: the real TUI
+/// drops keys that arrive before it has finished drawing the dialog.
+pub const CONFIRM_DELAY: Duration = Duration::from_millis(300);
+/// Keys that pick "Yes, I trust this folder" (option 1) on the workspace-trust screen.
+pub const TRUST_ANSWER: &str = "1";
 
 #[derive(Debug, Default)]
 pub struct Screen {

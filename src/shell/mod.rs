@@ -20,7 +20,7 @@ use signal_hook_mio::v1_0::Signals;
 use crate::config::Config;
 use crate::engine::{Engine, Input, Output, ProcId, RandomIds, Settings, Signal};
 use conn::{BridgeConn, BridgeEvent, HttpConn, HttpEvent};
-use spawn::Launch;
+use spawn::{home, Launch};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -433,8 +433,4 @@ fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn home() -> PathBuf {
-    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from)
 }

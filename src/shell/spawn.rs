@@ -162,6 +162,11 @@ fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((master, slave))
 }
 
+/// The home directory claude runs with (it keeps `~/.claude.json` and `~/.claude/` there).
+pub fn home() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,8 +4,9 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -281,4 +282,42 @@ impl Client {
         let mut b = [0u8; 1];
         matches!(self.stream.read(&mut b), Ok(0))
     }
+}
+
+/// Run `synthesis doctor` in a fresh HOME; `seed` writes its ~/.claude.json.
+/// `"projects": "WS"` in the seed stands for "the workspace is trusted".
+pub fn doctor(name: &str, claude: &Path, seed: Option<serde_json::Value>, env: &[(&str, &str)]) -> Output {
+    let dir = std::env::temp_dir().join(format!("synthesis-doctor-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for sub in ["home", "ws", "state"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let ws = dir.join("ws").canonicalize().unwrap();
+    if let Some(mut seed) = seed {
+        if seed["projects"] == serde_json::json!("WS") {
+            seed["projects"] = serde_json::json!({ws.to_str().unwrap(): {"hasTrustDialogAccepted": true}});
+        }
+        std::fs::write(dir.join("home/.claude.json"), seed.to_string()).unwrap();
+    }
+    let conf = format!(
+        "state_dir = {}\nworkspace = {}\nclaude_command = {}\n",
+        dir.join("state").display(),
+        ws.display(),
+        claude.display()
+    );
+    std::fs::write(dir.join("synthesis.conf"), conf).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_synthesis"))
+        .args(["doctor", "--config", dir.join("synthesis.conf").to_str().unwrap()])
+        .env("HOME", dir.join("home"))
+        .env_remove("ANTHROPIC_API_KEY")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// Doctor's report (stdout), also shown in the test's output.
+pub fn report(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}");
+    text
 }

@@ -1,0 +1,216 @@
+//! `synthesis doctor`: checks what an unattended claude needs and says in plain words what to fix.
+//! It starts one real claude with `--debug-file` to see whether the synthesis channel registers.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::engine::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_ANSWER};
+use crate::engine::SpawnSpec;
+use crate::shell::spawn::{home, Launch};
+
+/// How long the test claude may take to register its channel.
+const CHANNEL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Print the report; `Ok(true)` only when a channel really works.
+pub fn run(config: &Config) -> Result<bool, String> {
+    let mut ok = true;
+    let Some(claude) = find_command(&config.claude_command) else {
+        fail(&format!(
+            "claude not found: claude_command = {:?}. Install Claude Code (npm install -g @anthropic-ai/claude-code) \
+             or set claude_command to its full path.",
+            config.claude_command
+        ));
+        return Ok(false);
+    };
+    pass(&format!("claude found: {}", claude.display()));
+    match Command::new(&claude).arg("--version").output() {
+        Ok(out) if out.status.success() => pass(&format!("version {}", String::from_utf8_lossy(&out.stdout).trim())),
+        Ok(out) => {
+            fail(&format!("`claude --version` failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            ok = false;
+        }
+        Err(e) => {
+            fail(&format!("cannot run claude: {e}"));
+            return Ok(false);
+        }
+    }
+    let workspace =
+        config.workspace.canonicalize().map_err(|e| format!("workspace {}: {e}", config.workspace.display()))?;
+    let state = claude_state();
+    ok &= check_auth(&state);
+    ok &= check_trust(config, &state, &workspace);
+    ok &= check_channel(config, &claude, &workspace)?;
+    if ok {
+        pass("everything needed for synthesis works");
+    }
+    Ok(ok)
+}
+
+fn pass(msg: &str) {
+    println!("ok    {msg}");
+}
+
+fn fail(msg: &str) {
+    println!("FIX   {msg}");
+}
+
+fn find_command(cmd: &str) -> Option<PathBuf> {
+    if cmd.contains('/') {
+        return Path::new(cmd).is_file().then(|| PathBuf::from(cmd));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| p.is_file())
+}
+
+/// `~/.claude.json`, where claude keeps approvals, trust and login state.
+fn claude_state() -> Value {
+    let text = std::fs::read_to_string(home().join(".claude.json")).unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+fn check_auth(state: &Value) -> bool {
+    if let Ok(key) = std::env::var("ANTHROPIC_API_KEY") {
+        let tail: String = key.chars().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+        let approved =
+            state["customApiKeyResponses"]["approved"].as_array().is_some_and(|a| a.iter().any(|k| k == &tail));
+        if !approved {
+            fail(
+                "ANTHROPIC_API_KEY is set but claude has not been told to use it: it would stop at \
+                 \"Do you want to use this API key?\". Run `claude` once as this user and answer Yes.",
+            );
+            return false;
+        }
+        pass("authentication: ANTHROPIC_API_KEY (approved)");
+        return true;
+    }
+    let logged_in = state.get("oauthAccount").is_some() || home().join(".claude/.credentials.json").exists();
+    if logged_in || std::env::var("CLAUDE_CODE_OAUTH_TOKEN").is_ok() || std::env::var("ANTHROPIC_AUTH_TOKEN").is_ok() {
+        pass("authentication: logged in");
+        return true;
+    }
+    fail("not logged in: run `claude` and use /login, or set ANTHROPIC_API_KEY in synthesis's environment.");
+    false
+}
+
+fn check_trust(config: &Config, state: &Value, workspace: &Path) -> bool {
+    let trusted = workspace
+        .ancestors()
+        .any(|dir| state["projects"][dir.to_string_lossy().as_ref()]["hasTrustDialogAccepted"].as_bool() == Some(true));
+    if trusted {
+        pass(&format!("workspace trusted: {}", workspace.display()));
+    } else if config.trust_workspace {
+        pass(&format!("workspace {} not trusted yet; trust_workspace = yes accepts it", workspace.display()));
+    } else {
+        fail(&format!(
+            "workspace {} is not trusted: run `claude` there once and answer \"Yes, I trust this folder\", \
+             or set trust_workspace = yes.",
+            workspace.display()
+        ));
+        return false;
+    }
+    true
+}
+
+/// Start claude with the synthesis channel and read its debug log for the channel's fate.
+fn check_channel(config: &Config, claude: &Path, workspace: &Path) -> Result<bool, String> {
+    let scratch = config.state_dir.join("doctor");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    let debug = scratch.join("debug.log");
+    // The channel's bridge connects here and is never answered: only registration matters.
+    let bridge = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let mut test_config = config.clone();
+    test_config.claude_command = claude.to_string_lossy().into_owned();
+    test_config.claude_args.extend(["--debug-file".to_string(), debug.to_string_lossy().into_owned()]);
+    let self_exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let launch = Launch {
+        config: &test_config,
+        self_exe: &self_exe,
+        addr: bridge.local_addr().map_err(|e| e.to_string())?,
+        workspace,
+        projects_dir: PathBuf::from("/nonexistent"),
+    };
+    let spec = SpawnSpec {
+        session_uuid: uuid::Uuid::new_v4().to_string(),
+        bridge_token: "doctor".into(),
+        hook_token: "doctor".into(),
+    };
+    let (pid, master) = launch.spawn(&spec, &scratch.join("tmp")).map_err(|e| format!("cannot start claude: {e}"))?;
+    let verdict = watch(master, &debug, config.trust_workspace);
+    // SAFETY: signalling the process group we just created.
+    unsafe {
+        libc::kill(-(pid as i32), libc::SIGKILL);
+        libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+    }
+    match verdict {
+        Ok(()) => pass("claude registered the synthesis channel"),
+        Err(problem) => fail(&problem),
+    }
+    Ok(std::fs::read_to_string(&debug).is_ok_and(|d| d.contains(REGISTERED)))
+}
+
+const REGISTERED: &str = "\"synthesis\": Channel notifications registered";
+const SKIPPED: &str = "\"synthesis\": Channel notifications skipped: ";
+
+/// Drain claude's terminal, press Enter on the development-channels warning, and wait for the
+/// debug log to say whether the channel registered.
+fn watch(master: std::os::fd::OwnedFd, debug: &Path, trust: bool) -> Result<(), String> {
+    let mut screen = Screen::default();
+    let mut terminal = std::fs::File::from(master);
+    let deadline = Instant::now() + CHANNEL_DEADLINE;
+    while Instant::now() < deadline {
+        let log = std::fs::read_to_string(debug).unwrap_or_default();
+        if log.contains(REGISTERED) {
+            return Ok(());
+        }
+        if let Some(reason) = log.lines().find_map(|l| l.split_once(SKIPPED).map(|(_, r)| r.to_string())) {
+            return Err(format!(
+                "claude skipped the synthesis channel: {reason}. Channels need a claude.ai login with \
+                 channels enabled for the account (or organisation policy allowing them)."
+            ));
+        }
+        let mut fds = libc::pollfd { fd: terminal.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one fd we own.
+        unsafe { libc::poll(&mut fds, 1, 100) };
+        let mut buf = [0u8; 16384];
+        let n = match terminal.read(&mut buf) {
+            Ok(0) | Err(_) if fds.revents & (libc::POLLHUP | libc::POLLERR) != 0 => {
+                return Err(format!("claude exited during start-up; {}", screen.last_lines(12)))
+            }
+            Ok(n) => n,
+            Err(_) => 0,
+        };
+        for prompt in screen.push(&String::from_utf8_lossy(&buf[..n])) {
+            match prompt {
+                Prompt::DevChannels => {
+                    std::thread::sleep(CONFIRM_DELAY);
+                    std::io::Write::write_all(&mut terminal, b"\r").map_err(|e| e.to_string())?;
+                }
+                Prompt::WorkspaceTrust if trust => {
+                    std::io::Write::write_all(&mut terminal, TRUST_ANSWER.as_bytes()).map_err(|e| e.to_string())?
+                }
+                Prompt::WorkspaceTrust => {
+                    return Err("claude asks whether to trust the workspace: run `claude` there once and answer \
+                                \"Yes, I trust this folder\", or set trust_workspace = yes."
+                        .into())
+                }
+                Prompt::ApiKeyApproval => {
+                    return Err("claude asks whether to use ANTHROPIC_API_KEY: run `claude` once and answer Yes.".into())
+                }
+                Prompt::Interrupted => {}
+            }
+        }
+    }
+    Err(format!(
+        "claude did not register the channel within {} s; last terminal lines:\n{}",
+        CHANNEL_DEADLINE.as_secs(),
+        screen.last_lines(12)
+    ))
+}
