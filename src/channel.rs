@@ -1,6 +1,7 @@
 //! `synthesis channel`: the MCP server claude starts over stdio. It relays between Claude Code
-//! (channel notifications in, `reply` tool calls out) and the daemon's bridge WebSocket.
+//! (channel notifications in; `reply` and client-tool calls out) and the daemon's bridge WebSocket.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -11,22 +12,28 @@ use mio::{Events, Interest, Poll, Token};
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
-use crate::wire::bridge::{self, FromChannel, ToChannel};
+use crate::wire::bridge::{self, FromChannel, ToChannel, ToolDef};
 use crate::wire::mcp;
 
 const STDIN: Token = Token(0);
 const BRIDGE: Token = Token(1);
 
-/// From `notifications/initialized` to `hello` (see `on_mcp`).
-const HELLO_DELAY: Duration = Duration::from_millis(300);
+/// From `notifications/initialized` to `ready`: claude registers the channel's notification
+/// handler a few ms after it, with no sign on the wire, and drops messages that come earlier.
+const READY_DELAY: Duration = Duration::from_millis(300);
 
 struct Channel {
-    hello_at: Option<Instant>,
     poll: Poll,
-    url: String,
-    token: String,
-    bridge: Option<WebSocket<TcpStream>>,
+    bridge: WebSocket<TcpStream>,
     stdin_buf: Vec<u8>,
+    /// The client tools, once the daemon has sent them.
+    catalog: Option<Vec<ToolDef>>,
+    /// A `tools/list` that arrived before the catalog.
+    held_list: Option<Value>,
+    initialized: bool,
+    ready_at: Option<Instant>,
+    /// Client-tool calls waiting for their result: call_ref → MCP request id.
+    pending: HashMap<String, Value>,
     done: bool,
 }
 
@@ -37,12 +44,35 @@ pub fn run() -> Result<(), String> {
     let url =
         std::env::var(bridge::ENV_URL).map_err(|_| format!("{} is not set: run by synthesis only", bridge::ENV_URL))?;
     let token = std::env::var(bridge::ENV_TOKEN).map_err(|_| format!("{} is not set", bridge::ENV_TOKEN))?;
+    let bridge = connect(&url).map_err(|e| format!("cannot reach the synthesis bridge at {url}: {e}"))?;
     let poll = Poll::new().map_err(|e| e.to_string())?;
     let stdin = io::stdin().as_raw_fd();
     set_nonblocking(stdin).map_err(|e| e.to_string())?;
-    poll.registry().register(&mut SourceFd(&stdin), STDIN, Interest::READABLE).map_err(|e| e.to_string())?;
-    let mut channel = Channel { hello_at: None, poll, url, token, bridge: None, stdin_buf: Vec::new(), done: false };
+    let registry = poll.registry();
+    registry.register(&mut SourceFd(&stdin), STDIN, Interest::READABLE).map_err(|e| e.to_string())?;
+    let fd = bridge.get_ref().as_raw_fd();
+    registry.register(&mut SourceFd(&fd), BRIDGE, Interest::READABLE).map_err(|e| e.to_string())?;
+    let mut channel = Channel {
+        poll,
+        bridge,
+        stdin_buf: Vec::new(),
+        catalog: None,
+        held_list: None,
+        initialized: false,
+        ready_at: None,
+        pending: HashMap::new(),
+        done: false,
+    };
+    channel.send(&FromChannel::Hello { v: bridge::VERSION, token });
     channel.run().map_err(|e| format!("channel: {e}"))
+}
+
+fn connect(url: &str) -> io::Result<WebSocket<TcpStream>> {
+    let addr = url.trim_start_matches("ws://").split('/').next().unwrap_or("");
+    let stream = TcpStream::connect(addr)?;
+    let (ws, _) = tungstenite::client(url, stream).map_err(|e| io::Error::other(e.to_string()))?;
+    ws.get_ref().set_nonblocking(true)?;
+    Ok(ws)
 }
 
 fn set_nonblocking(fd: i32) -> io::Result<()> {
@@ -60,25 +90,25 @@ impl Channel {
         let heartbeat = Duration::from_secs(bridge::HEARTBEAT_SECS);
         let mut next_beat = Instant::now() + heartbeat;
         while !self.done {
-            let wake = self.hello_at.map_or(next_beat, |h| h.min(next_beat));
-            let timeout = wake.saturating_duration_since(Instant::now());
-            match self.poll.poll(&mut events, Some(timeout)) {
+            let wake = self.ready_at.map_or(next_beat, |r| r.min(next_beat));
+            match self.poll.poll(&mut events, Some(wake.saturating_duration_since(Instant::now()))) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => r?,
             }
             for event in events.iter() {
                 match event.token() {
                     STDIN => self.read_stdin()?,
-                    _ => self.read_bridge(),
+                    _ => self.read_bridge()?,
                 }
             }
-            if self.hello_at.is_some_and(|t| Instant::now() >= t) {
-                self.hello_at = None;
-                self.connect_bridge()?;
+            let now = Instant::now();
+            if self.ready_at.is_some_and(|t| now >= t) {
+                self.ready_at = None;
+                self.send(&FromChannel::Ready);
             }
-            if Instant::now() >= next_beat {
+            if now >= next_beat {
                 self.send(&FromChannel::Heartbeat);
-                next_beat = Instant::now() + heartbeat;
+                next_beat = now + heartbeat;
             }
         }
         Ok(())
@@ -111,68 +141,58 @@ impl Channel {
 
     fn on_mcp(&mut self, msg: &Value) -> io::Result<()> {
         let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
-        if let Ok(path) = std::env::var("SYNTHESIS_CHANNEL_TRACE") {
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-            writeln!(f, "{t} {msg}")?;
-        }
         let params = msg.get("params").cloned().unwrap_or(Value::Null);
         let Some(id) = msg.get("id") else {
             if method == "notifications/initialized" {
-                // Claude registers the channel's notification handler a few ms after this, with
-                // no sign on the wire; messages before that are dropped. Say hello a little later.
-                self.hello_at = Some(Instant::now() + HELLO_DELAY);
+                self.initialized = true;
+                self.ready_at = Some(Instant::now() + READY_DELAY);
             }
             return Ok(()); // other notifications need no answer
         };
-        let answer = match method {
+        match method {
             "initialize" => {
                 let version = params.get("protocolVersion").and_then(Value::as_str);
-                mcp::response(id, mcp::initialize_result(version))
+                write_line(&mcp::response(id, mcp::initialize_result(version)))
             }
-            "tools/list" => mcp::response(id, json!({"tools": [mcp::reply_tool()]})),
-            "tools/call" => mcp::response(id, self.call_tool(&params)),
-            "ping" => mcp::response(id, json!({})),
+            "tools/list" if self.catalog.is_none() => {
+                self.held_list = Some(id.clone()); // answered when the catalog arrives
+                Ok(())
+            }
+            "tools/list" => write_line(&self.tools_list(id)),
+            "tools/call" => self.call_tool(id, &params),
+            "ping" => write_line(&mcp::response(id, json!({}))),
             // Includes `server/discover`, which must fail for Claude Code to go on to `initialize`.
-            _ => mcp::error(id, mcp::METHOD_NOT_FOUND, &format!("method not found: {method}")),
-        };
-        write_line(&answer)
+            _ => write_line(&mcp::error(id, mcp::METHOD_NOT_FOUND, &format!("method not found: {method}"))),
+        }
     }
 
-    fn call_tool(&mut self, params: &Value) -> Value {
+    fn tools_list(&self, id: &Value) -> String {
+        let client = self.catalog.iter().flatten().map(mcp::client_tool);
+        let tools: Vec<Value> = std::iter::once(mcp::reply_tool()).chain(client).collect();
+        mcp::response(id, json!({"tools": tools}))
+    }
+
+    fn call_tool(&mut self, id: &Value, params: &Value) -> io::Result<()> {
         let name = params.get("name").and_then(Value::as_str).unwrap_or("");
-        let args = params.get("arguments").cloned().unwrap_or(Value::Null);
-        let arg = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-        match name {
-            "reply" => {
-                self.send(&FromChannel::Reply { chat_id: arg("chat_id"), text: arg("text") });
-                mcp::tool_text("sent", false)
-            }
-            _ => mcp::tool_text(&format!("unknown tool {name}"), true),
+        let args = params.get("arguments").cloned().unwrap_or(json!({}));
+        if name == "reply" {
+            let arg = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            self.send(&FromChannel::Reply { chat_id: arg("chat_id"), text: arg("text") });
+            return write_line(&mcp::response(id, mcp::tool_text("sent", false)));
         }
-    }
-
-    /// Connect to the daemon once MCP is up, and say hello: that makes the process ready.
-    fn connect_bridge(&mut self) -> io::Result<()> {
-        if self.bridge.is_some() {
-            return Ok(());
+        if !self.catalog.iter().flatten().any(|t| t.name == name) {
+            return write_line(&mcp::response(id, mcp::tool_text(&format!("unknown tool {name}"), true)));
         }
-        let addr = self.url.trim_start_matches("ws://").split('/').next().unwrap_or("").to_string();
-        let stream = TcpStream::connect(&addr)?;
-        let (ws, _) = tungstenite::client(self.url.as_str(), stream).map_err(|e| io::Error::other(e.to_string()))?;
-        let fd = ws.get_ref().as_raw_fd();
-        ws.get_ref().set_nonblocking(true)?;
-        self.poll.registry().register(&mut SourceFd(&fd), BRIDGE, Interest::READABLE)?;
-        self.bridge = Some(ws);
-        let token = self.token.clone();
-        self.send(&FromChannel::Hello { v: bridge::VERSION, token });
+        // Answered when the client has run the tool (`tool_result`).
+        let call_ref = id.to_string();
+        self.pending.insert(call_ref.clone(), id.clone());
+        self.send(&FromChannel::ToolCall { call_ref, name: name.to_string(), arguments: args });
         Ok(())
     }
 
     fn send(&mut self, frame: &FromChannel) {
-        let Some(ws) = &mut self.bridge else { return };
         let text = serde_json::to_string(frame).expect("frames serialise");
-        if let Err(e) = ws.send(Message::text(text)) {
+        if let Err(e) = self.bridge.send(Message::text(text)) {
             if !is_would_block(&e) {
                 log::warn!("channel: bridge send failed: {e}");
                 self.done = true;
@@ -180,16 +200,11 @@ impl Channel {
         }
     }
 
-    fn read_bridge(&mut self) {
-        let Some(ws) = &mut self.bridge else { return };
+    fn read_bridge(&mut self) -> io::Result<()> {
         loop {
-            match ws.read() {
+            match self.bridge.read() {
                 Ok(Message::Text(text)) => match serde_json::from_str::<ToChannel>(&text) {
-                    Ok(ToChannel::Deliver { chat_id, content }) => {
-                        if write_line(&mcp::channel_message(&content, &chat_id)).is_err() {
-                            self.done = true;
-                        }
-                    }
+                    Ok(frame) => self.on_frame(frame)?,
                     Err(e) => log::warn!("channel: unknown bridge frame: {e}"),
                 },
                 Ok(_) => {}
@@ -201,7 +216,28 @@ impl Channel {
                 }
             }
         }
-        let _ = ws.flush();
+        let _ = self.bridge.flush();
+        Ok(())
+    }
+
+    fn on_frame(&mut self, frame: ToChannel) -> io::Result<()> {
+        match frame {
+            ToChannel::Deliver { chat_id, content } => write_line(&mcp::channel_message(&content, &chat_id)),
+            ToChannel::Tools { tools } => {
+                let changed = self.catalog.as_ref() != Some(&tools);
+                self.catalog = Some(tools);
+                if let Some(id) = self.held_list.take() {
+                    write_line(&self.tools_list(&id))?;
+                } else if changed && self.initialized {
+                    write_line(&mcp::notification("notifications/tools/list_changed", json!({})))?;
+                }
+                Ok(())
+            }
+            ToChannel::ToolResult { call_ref, content, is_error } => match self.pending.remove(&call_ref) {
+                Some(id) => write_line(&mcp::response(&id, mcp::tool_text(&content, is_error))),
+                None => Ok(()),
+            },
+        }
     }
 }
 

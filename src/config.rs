@@ -24,6 +24,9 @@ pub struct Config {
     pub idle_sweep: Duration,
     pub turn_timeout: Duration,
     pub trust_workspace: bool,
+    pub retry_grace: Duration,
+    pub tools_allow: Vec<String>,
+    pub tools_deny: Vec<String>,
 }
 
 impl Default for Config {
@@ -46,6 +49,9 @@ impl Default for Config {
             idle_sweep: Duration::from_secs(60),
             turn_timeout: Duration::from_secs(60 * 60),
             trust_workspace: false,
+            retry_grace: Duration::from_secs(10),
+            tools_allow: vec!["*".into()],
+            tools_deny: Vec::new(),
         }
     }
 }
@@ -124,6 +130,9 @@ impl Config {
             "idle_sweep" => self.idle_sweep = duration(key, value)?,
             "turn_timeout" => self.turn_timeout = duration(key, value)?,
             "trust_workspace" => self.trust_workspace = yes_no(key, value)?,
+            "retry_grace" => self.retry_grace = duration(key, value)?,
+            "tools_allow" => self.tools_allow = names(value),
+            "tools_deny" => self.tools_deny = names(value),
             _ => return Err(format!("unknown key {key:?}")),
         }
         Ok(())
@@ -145,6 +154,11 @@ fn positive(key: &str, value: &str) -> Result<usize, String> {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("{key}: expected a positive integer, not {value:?}")),
     }
+}
+
+/// Names separated by commas and/or spaces.
+fn names(value: &str) -> Vec<String> {
+    value.split([',', ' ']).filter(|s| !s.is_empty()).map(String::from).collect()
 }
 
 fn yes_no(key: &str, value: &str) -> Result<bool, String> {

@@ -149,7 +149,7 @@ fn concurrent_requests_on_one_session_get_separate_answers_in_order() {
 
 #[test]
 fn client_disconnect_interrupts_the_turn_and_the_next_turn_works() {
-    let d = Daemon::start("disconnect", "", &[]);
+    let d = Daemon::start("disconnect", "retry_grace = 100ms", &[]);
     let mut c = d.client();
     let body = r#"{"messages":[{"role":"user","content":"sleep 30"}],"stream":true}"#;
     let auth = format!("Bearer {API_KEY}");
@@ -236,9 +236,9 @@ fn after_an_idle_kill_a_session_resumes_its_claude_session() {
 fn max_processes_is_never_exceeded() {
     let d = Daemon::start("pool", "max_processes = 2", &[]);
     let live = |d: &Daemon| d.claude_pids().into_iter().filter(|p| alive(*p)).count();
-    for key in ["a", "b", "c", "a", "b"] {
-        let r = d.client().chat(key, &format!("hi from {key}"), false);
-        assert_eq!(r.json()["choices"][0]["message"]["content"], format!("echo: hi from {key}"));
+    for (round, key) in ["a", "b", "c", "a", "b"].into_iter().enumerate() {
+        let r = d.client().chat(key, &format!("hi from {key} in round {round}"), false);
+        assert_eq!(r.json()["choices"][0]["message"]["content"], format!("echo: hi from {key} in round {round}"));
         assert!(live(&d) <= 2, "more than 2 claudes alive");
     }
     assert_eq!(d.claude_pids().len(), 5, "each turn past the second evicted the least recently used");

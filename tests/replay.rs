@@ -101,16 +101,43 @@ fn two_sessions_get_two_processes_and_a_second_turn_reuses_its_process() {
 #[test]
 fn only_the_messages_after_the_last_assistant_message_are_delivered() {
     let mut s = Script::new(settings());
+    s.input(chat(9, "a", "old question", false));
+    s.start_process(1, 7, 100, "t3");
+    s.input(stop_hook(20, "t4", Some("old answer")));
     let body = json!({"messages": [
-        {"role": "system", "content": "sys"},
         {"role": "user", "content": "old question"},
         {"role": "assistant", "content": "old answer"},
         {"role": "user", "content": "new question"},
         {"role": "user", "content": [{"type": "text", "text": "context part"}]},
     ]});
     let headers = [("authorization", "Bearer key"), ("x-session-affinity", "a")];
+    let out = s.input(http(10, request("POST", "/v1/chat/completions", &headers, &body.to_string())));
+    assert_eq!(out, vec![deliver(100, "chat-2", "new question\n\ncontext part")]);
+}
+
+#[test]
+fn a_new_claude_session_gets_the_system_prompt_and_earlier_history_once() {
+    let mut s = Script::new(settings());
+    let body = json!({"messages": [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "asked elsewhere"},
+        {"role": "assistant", "content": "answered elsewhere"},
+        {"role": "user", "content": "now here"},
+    ]});
+    let headers = [("authorization", "Bearer key"), ("x-session-affinity", "a")];
     s.input(http(10, request("POST", "/v1/chat/completions", &headers, &body.to_string())));
-    assert_eq!(s.start_process(1, 7, 100, "t3"), vec![deliver(100, "chat-1", "new question\n\ncontext part")]);
+    let first = "<system_prompt from=\"client\">\nYou are helpful.\n</system_prompt>\n\n\
+        <earlier_conversation>\n[user]: asked elsewhere\n[assistant]: answered elsewhere\n</earlier_conversation>\n\nnow here";
+    assert_eq!(s.start_process(1, 7, 100, "t3"), vec![deliver(100, "chat-1", first)]);
+    s.input(stop_hook(20, "t4", Some("ok")));
+    let body = json!({"messages": [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "now here"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "and more"},
+    ]});
+    let out = s.input(http(11, request("POST", "/v1/chat/completions", &headers, &body.to_string())));
+    assert_eq!(out, vec![deliver(100, "chat-2", "and more")], "same system prompt, known history: only the new text");
 }
 
 #[test]
@@ -250,14 +277,17 @@ fn turn_timeout_interrupts_with_one_esc_and_answers_504_then_serves_the_next() {
 }
 
 #[test]
-fn client_disconnect_mid_turn_interrupts_and_moves_on() {
-    let mut s = Script::new(settings());
+fn client_disconnect_mid_turn_interrupts_after_the_retry_grace_and_moves_on() {
+    let mut s = Script::new(settings()); // retry_grace 10 s
     s.input(chat(10, "a", "long", true));
     s.start_process(1, 7, 100, "t3");
+    s.input(prompt_hook(21, "t4", "chat-1"));
     s.input(chat(11, "a", "queued, then gone", false));
     s.input(chat(12, "a", "next", false));
     assert!(s.input(Input::ConnClosed { conn: 11 }).is_empty(), "a queued turn just leaves");
-    assert_eq!(s.input(Input::ConnClosed { conn: 10 }), vec![Output::WriteTerminal { proc: 1, data: "\x1b".into() }]);
+    assert!(s.input(Input::ConnClosed { conn: 10 }).is_empty(), "a retry may still come");
+    assert!(s.advance(Duration::from_millis(9999)).is_empty());
+    assert_eq!(s.advance(Duration::from_millis(1)), vec![Output::WriteTerminal { proc: 1, data: "\x1b".into() }]);
     // A late Stop for the interrupted turn frees the process at once and answers nobody.
     let out = s.input(stop_hook(20, "t4", Some("late")));
     assert_eq!(out, vec![hook_ok(20), deliver(100, "chat-3", "next")]);
@@ -367,8 +397,10 @@ fn a_hello_with_a_wrong_token_is_closed_and_binds_nothing() {
     s.input(chat(10, "a", "hi", false));
     s.input(Input::Spawned { proc: 1, pid: 7 });
     assert_eq!(s.input(hello(100, "t4")), vec![Output::CloseBridge { conn: 100 }], "hook token is not a bridge token");
-    assert_eq!(s.input(hello(101, "t3")), vec![deliver(101, "chat-1", "hi")]);
+    assert_eq!(s.input(hello(101, "t3")), vec![tools_frame(101, vec![])]);
     assert_eq!(s.input(hello(102, "t3")), vec![Output::CloseBridge { conn: 102 }], "one-time token");
+    assert_eq!(s.input(ready(101)), vec![deliver(101, "chat-1", "hi")]);
+    assert_eq!(s.input(ready(103)), vec![Output::CloseBridge { conn: 103 }], "no frames before hello");
 }
 
 #[test]
@@ -463,7 +495,7 @@ fn a_new_session_is_saved_at_once_and_timestamps_at_the_next_sweep() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", false));
     let record =
-        SessionRecord { key: "a".into(), uuid: UUID1.into(), created: 1_790_000_000, last_used: 1_790_000_000 };
+        SessionRecord { key: "a".into(), uuid: UUID1.into(), created: 1_790_000_000, last_used: 1_790_000_000, aliases: vec![] };
     assert_eq!(s.saved, vec![vec![record.clone()]], "saved before the process even starts");
     s.start_process(1, 7, 100, "t3");
     s.input(stop_hook(20, "t4", None));
@@ -476,7 +508,7 @@ fn a_new_session_is_saved_at_once_and_timestamps_at_the_next_sweep() {
 #[test]
 fn restored_sessions_resume_their_claude_session() {
     let mut s = Script::new(settings());
-    let record = SessionRecord { key: "a".into(), uuid: "known-uuid".into(), created: 1, last_used: 2 };
+    let record = SessionRecord { key: "a".into(), uuid: "known-uuid".into(), created: 1, last_used: 2, aliases: vec![] };
     s.engine.restore(vec![record]);
     assert_eq!(s.input(chat(10, "a", "hi again", false)), vec![spawn_of(1, "known-uuid", "t2", "t3")]);
     assert!(s.saved.is_empty(), "a known session needs no immediate save");

@@ -4,10 +4,11 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::session::{error_response, Answer, Session, Turn};
+use super::openclaw::fingerprint;
+use super::turn::{error_response, Answer};
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, SessionStatus, StatusReport};
 use crate::wire::http::{Request, Response};
-use crate::wire::openai::{ApiError, ChatRequest, Completion};
+use crate::wire::openai::{ApiError, ChatRequest};
 
 pub const HOOK_STOP: &str = "/hooks/stop";
 pub const HOOK_STOP_FAILURE: &str = "/hooks/stop-failure";
@@ -82,7 +83,7 @@ impl Engine {
         Response::json(200, json!({"object": "list", "data": [model]}).to_string())
     }
 
-    /// Admit a chat-completions request as a turn of its session; the answer comes later.
+    /// Admit a chat-completions request; the answer comes later.
     fn chat(&mut self, now: Instant, conn: ConnId, req: &Request, unix_secs: u64) -> Result<(), ApiError> {
         if self.shutting_down() {
             return Err(ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5));
@@ -92,38 +93,7 @@ impl Engine {
             ApiError::new(400, "invalid_request", format!("request body {what}: {e}"))
         })?;
         let key = session_key(req, &body)?;
-        let content = body.new_user_text();
-        if content.is_empty() {
-            return Err(ApiError::new(
-                400,
-                "no_user_message",
-                "no user message with text after the last assistant message",
-            ));
-        }
-        if !self.sessions.contains_key(&key) {
-            let uuid = self.ids.uuid();
-            log::info!("session {key}: new, claude session {uuid}");
-            let session = Session::new(key.clone(), uuid, unix_secs);
-            self.sessions.insert(key.clone(), session);
-            // Saved at once: a crash must not lose the key → Claude session mapping.
-            self.save_sessions();
-        }
-        let completion = Completion {
-            id: format!("chatcmpl-{}", self.ids.token()),
-            created: unix_secs,
-            model: body.model.clone().unwrap_or_else(|| self.settings.model.clone()),
-        };
-        let turn = Turn {
-            conn,
-            stream: body.stream,
-            include_usage: body.include_usage(),
-            completion,
-            content,
-            chat_id: String::new(),
-            replies: Vec::new(),
-            deadline: None,
-        };
-        self.admit(now, &key, turn)
+        self.chat_turn(now, conn, unix_secs, key, &body, fingerprint(&req.body))
     }
 
     /// Stop / StopFailure from claude's HTTP hooks: answered at once (the hook blocks claude),
@@ -169,7 +139,7 @@ impl Engine {
                 if turn.replies.is_empty() && !last.is_empty() {
                     // No `reply` call: the final assistant text is the answer (maybe empty).
                     let chat_id = turn.chat_id.clone();
-                    self.on_reply(&key, &chat_id, last);
+                    self.on_reply(now, &key, &chat_id, last);
                 }
                 Answer::Text(self.sessions[&key].current.as_ref().expect("turn").replies.join("\n\n"))
             }

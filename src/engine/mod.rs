@@ -6,11 +6,14 @@
 //! and every effect on the world is an `Output`.
 
 mod api;
+mod openclaw;
 pub use api::{HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
 mod process;
 pub mod screen;
 mod session;
-pub use session::error_response;
+mod tools;
+mod turn;
+pub use turn::error_response;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -145,6 +148,9 @@ pub struct SessionRecord {
     /// Unix seconds.
     pub created: u64,
     pub last_used: u64,
+    /// Later keys of the same conversation (`<id>:<N+1>` after a compaction).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +235,13 @@ pub struct Settings {
     pub bridge_silence: Duration,
     /// Accept Claude Code's workspace-trust question instead of failing.
     pub trust_workspace: bool,
+    /// Interval of keep-alive events on streams.
+    pub keepalive: Duration,
+    /// How long a turn whose client left keeps running for a retry to attach, before it is interrupted.
+    pub retry_grace: Duration,
+    /// Client tools offered to Claude (`*` = all) and withheld.
+    pub tools_allow: Vec<String>,
+    pub tools_deny: Vec<String>,
 }
 
 impl Settings {
@@ -247,6 +260,10 @@ impl Settings {
             settle: Duration::from_millis(500),
             bridge_silence: Duration::from_secs(4 * crate::wire::bridge::HEARTBEAT_SECS),
             trust_workspace: c.trust_workspace,
+            keepalive: Duration::from_secs(15),
+            retry_grace: c.retry_grace,
+            tools_allow: c.tools_allow.clone(),
+            tools_deny: c.tools_deny.clone(),
         }
     }
 }
@@ -375,7 +392,8 @@ impl Engine {
     }
 
     fn save_sessions(&mut self) {
-        let mut sessions: Vec<SessionRecord> = self.sessions.values().map(Session::record).collect();
+        let mut sessions: Vec<SessionRecord> =
+            self.sessions.values().filter(|s| !s.ephemeral).map(Session::record).collect();
         sessions.sort_by(|a, b| a.key.cmp(&b.key));
         self.sessions_dirty = false;
         self.push(Output::SaveSessions { sessions });

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use super::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_ANSWER};
-use super::session::Answer;
+use super::turn::Answer;
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, Signal, SpawnSpec};
 use crate::wire::bridge::{self, FromChannel, ToChannel};
 use crate::wire::openai::ApiError;
@@ -51,6 +51,8 @@ pub struct Process {
     pub deliveries: u32,
     /// When to deliver it again if claude has not taken it.
     pub redeliver_at: Option<Instant>,
+    /// Hash of the client-tool catalog the channel has.
+    pub tools_sent: Option<u64>,
     /// Why synthesis is stopping it, for the turn that is cut short.
     stop_reason: Option<String>,
 }
@@ -168,6 +170,7 @@ impl Engine {
             channel_proven: false,
             deliveries: 0,
             redeliver_at: None,
+            tools_sent: None,
             stop_reason: None,
         };
         self.procs.insert(id, proc);
@@ -260,26 +263,29 @@ impl Engine {
     }
 
     pub(super) fn on_bridge_frame(&mut self, now: Instant, conn: ConnId, frame: FromChannel) {
-        let silence = self.settings.bridge_silence;
-        if let Some(p) = self.bridges.get(&conn).and_then(|id| self.procs.get_mut(id)) {
-            p.last_heard = now;
-            p.silent_at = Some(now + silence);
+        if let FromChannel::Hello { v, token } = frame {
+            return self.on_hello(now, conn, v, &token);
         }
+        let silence = self.settings.bridge_silence;
+        let Some((&id, p)) = self.bridges.get(&conn).and_then(|id| self.procs.get_mut(id).map(|p| (id, p))) else {
+            log::warn!("bridge {conn}: frame before hello, closing");
+            self.push(Output::CloseBridge { conn });
+            return;
+        };
+        p.last_heard = now;
+        p.silent_at = Some(now + silence);
+        let key = p.session.clone();
         match frame {
-            FromChannel::Hello { v, token } => self.on_hello(now, conn, v, &token),
-            FromChannel::Reply { chat_id, text } => {
-                let Some(p) = self.bridges.get(&conn).and_then(|id| self.procs.get(id)) else {
-                    log::warn!("bridge {conn}: reply before hello, closing");
-                    self.push(Output::CloseBridge { conn });
-                    return;
-                };
-                let key = p.session.clone();
-                self.on_reply(&key, &chat_id, text);
-            }
+            FromChannel::Hello { .. } => unreachable!("handled above"),
+            FromChannel::Ready => self.on_ready(now, id),
+            FromChannel::Reply { chat_id, text } => self.on_reply(now, &key, &chat_id, text),
+            FromChannel::ToolCall { call_ref, name, arguments } => self.on_tool_call(&key, call_ref, name, arguments),
             FromChannel::Heartbeat => {}
         }
     }
 
+    /// The channel's first frame binds its socket to its process; the client tools follow at
+    /// once, for claude's first `tools/list`.
     fn on_hello(&mut self, now: Instant, conn: ConnId, v: u32, token: &str) {
         let found = self
             .procs
@@ -291,15 +297,25 @@ impl Engine {
             return;
         };
         p.bridge = Some(conn);
-        p.state = ProcState::Ready;
         p.last_heard = now;
         p.silent_at = Some(now + self.settings.bridge_silence);
+        let key = p.session.clone();
+        self.bridges.insert(conn, id);
+        self.send_tools(&key, id);
+    }
+
+    /// The channel is initialised (and claude had time to register it): deliver.
+    fn on_ready(&mut self, now: Instant, id: ProcId) {
+        let p = self.procs.get_mut(&id).expect("bound process");
+        if p.state != ProcState::Starting {
+            return;
+        }
+        p.state = ProcState::Ready;
         p.confirm_at = None;
         p.idle_since = now;
         let key = p.session.clone();
         let ms = now.duration_since(p.started).as_millis();
         log::info!("session {key}: process {id} ready after {ms} ms");
-        self.bridges.insert(conn, id);
         self.deliver_next(now, &key);
     }
 

@@ -2,13 +2,17 @@
 //! Claude never merges two messages into one turn.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::process::ACK_TIMEOUT;
+use super::turn::{Answer, Listener, Turn};
 use super::{ConnId, Engine, Output, ProcId, SessionRecord};
-use crate::wire::bridge::ToChannel;
-use crate::wire::http::Response;
-use crate::wire::openai::{self, ApiError, Completion};
+use crate::wire::bridge::{ToChannel, ToolDef};
+use crate::wire::openai::ApiError;
+
+/// How long a finished answer is kept for a retry of the identical request.
+const RECENT_TTL: Duration = Duration::from_secs(600);
+const RECENT_MAX: usize = 4;
 
 pub struct Session {
     pub key: String,
@@ -26,20 +30,16 @@ pub struct Session {
     /// Unix seconds.
     pub created: u64,
     pub last_used: u64,
-}
-
-pub struct Turn {
-    pub conn: ConnId,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub completion: Completion,
-    /// The text delivered to Claude as one channel message.
-    pub content: String,
-    pub chat_id: String,
-    /// Reply texts so far (non-streamed answers are sent whole at the end).
-    pub replies: Vec<String>,
-    /// Set at delivery: when the turn is interrupted and answered 504.
-    pub deadline: Option<Instant>,
+    /// Answers of recently finished turns, by request fingerprint, for identical retries.
+    pub recent: VecDeque<(u64, String, Instant)>,
+    /// Hash of the client's system prompt as last given to this Claude session.
+    pub system_hash: Option<u64>,
+    /// Other keys naming this session (`<id>:<N+1>` after a compaction).
+    pub aliases: Vec<String>,
+    /// One-shot (compaction requests): a fresh Claude session per turn, never saved.
+    pub ephemeral: bool,
+    /// The client tools of the latest request.
+    pub tools: Vec<ToolDef>,
 }
 
 impl Session {
@@ -54,12 +54,18 @@ impl Session {
             wants_slot: false,
             created: unix_secs,
             last_used: unix_secs,
+            recent: VecDeque::new(),
+            system_hash: None,
+            aliases: Vec::new(),
+            ephemeral: false,
+            tools: Vec::new(),
         }
     }
 
     pub fn restored(r: SessionRecord) -> Self {
         let mut s = Session::new(r.key, r.uuid, r.created);
         s.last_used = r.last_used;
+        s.aliases = r.aliases;
         s
     }
 
@@ -69,71 +75,67 @@ impl Session {
             uuid: self.uuid.clone(),
             created: self.created,
             last_used: self.last_used,
+            aliases: self.aliases.clone(),
         }
     }
 
     pub fn deadline(&self) -> Option<Instant> {
-        self.current.as_ref().and_then(|t| t.deadline)
+        self.current.iter().chain(&self.queue).filter_map(Turn::deadline).min()
     }
 
     pub fn is_idle(&self) -> bool {
         self.current.is_none() && self.queue.is_empty()
     }
-}
 
-/// How a turn ends.
-pub enum Answer {
-    Text(String),
-    Error(ApiError),
+    pub fn recent_answer(&self, fingerprint: u64, now: Instant) -> Option<&str> {
+        self.recent.iter().find(|(f, _, at)| *f == fingerprint && now.duration_since(*at) < RECENT_TTL).map(|r| r.1.as_str())
+    }
 }
 
 impl Engine {
     /// Queue a turn for `key`, making sure a process is (or will be) there to take it.
-    pub(super) fn admit(&mut self, now: Instant, key: &str, mut turn: Turn) -> Result<(), ApiError> {
+    pub(super) fn admit(&mut self, now: Instant, key: &str, mut turn: Turn, l: Listener) -> Result<(), ApiError> {
         let session = self.sessions.get_mut(key).expect("session exists");
         if session.queue.len() >= self.settings.queue_depth {
-            return Err(ApiError::new(
-                429,
-                "session_queue_full",
-                format!("{} requests are already waiting for this session; retry later", session.queue.len()),
-            )
-            .retry_after(5));
+            let msg = format!("{} requests are already waiting for this session; retry later", session.queue.len());
+            return Err(ApiError::new(429, "session_queue_full", msg).retry_after(5));
         }
         self.ensure_process(now, key)?;
         let session = self.sessions.get_mut(key).expect("session exists");
         session.turns += 1;
-        session.last_used = turn.completion.created;
-        self.sessions_dirty = true;
+        session.last_used = l.completion.created;
         turn.chat_id = format!("chat-{}", session.turns);
-        let (conn, stream, role) = (turn.conn, turn.stream, openai::role_chunk(&turn.completion));
-        session.queue.push_back(turn);
-        self.waiting.insert(conn, key.to_string());
-        if stream {
-            // Headers and the role chunk at once: OpenClaw's first-event watchdog starts now.
-            self.push(Output::StreamStart { conn });
-            self.push(Output::StreamData { conn, data: role });
-        }
+        self.sessions_dirty = true;
+        self.listen(now, key, &mut turn, l);
+        self.sessions.get_mut(key).expect("session exists").queue.push_back(turn);
         self.deliver_next(now, key);
         Ok(())
     }
 
+    /// Make `l` wait for `turn`, and open its response.
+    pub(super) fn listen(&mut self, now: Instant, key: &str, turn: &mut Turn, l: Listener) {
+        self.waiting.insert(l.conn, key.to_string());
+        self.open_listener(&l, &turn.replies);
+        turn.listeners.push(l);
+        turn.orphan_deadline = None;
+        turn.keepalive_at = self.next_keepalive(now, turn);
+        self.ask_next_call(turn);
+    }
+
     /// Deliver the next queued turn if the session's process is ready and free.
     pub(super) fn deliver_next(&mut self, now: Instant, key: &str) {
-        let Some(session) = self.sessions.get_mut(key) else {
-            return;
-        };
+        let Some(session) = self.sessions.get_mut(key) else { return };
         if session.current.is_some() || session.queue.is_empty() {
             return;
         }
         let Some(pid) = session.proc else { return };
-        let Some(bridge) = self.procs.get(&pid).and_then(|p| p.accepting_bridge(now)) else {
-            return;
-        };
+        let Some(bridge) = self.procs.get(&pid).and_then(|p| p.accepting_bridge(now)) else { return };
         let mut turn = session.queue.pop_front().expect("queue not empty");
         turn.deadline = Some(now + self.settings.turn_timeout);
         let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
         log::info!("session {key}: delivering {} to process {pid}", turn.chat_id);
         session.current = Some(turn);
+        self.send_tools(key, pid);
         self.push(Output::Bridge { conn: bridge, frame });
         let p = self.procs.get_mut(&pid).expect("process of the session");
         p.turns += 1;
@@ -144,67 +146,40 @@ impl Engine {
     }
 
     /// A `reply` tool call arrived for the session's turn in flight.
-    pub(super) fn on_reply(&mut self, key: &str, chat_id: &str, text: String) {
-        let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.as_mut()) else {
+    pub(super) fn on_reply(&mut self, now: Instant, key: &str, chat_id: &str, text: String) {
+        let Some(mut turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else {
             log::warn!("session {key}: reply for {chat_id} outside a turn, dropped");
             return;
         };
         if turn.chat_id != chat_id {
             log::warn!("session {key}: reply names {chat_id}, turn is {}; attributed to the turn", turn.chat_id);
         }
-        if turn.stream {
-            let sep = if turn.replies.is_empty() { "" } else { "\n\n" };
-            let data = openai::content_chunk(&turn.completion, &format!("{sep}{text}"));
-            let conn = turn.conn;
-            turn.replies.push(text);
-            self.push(Output::StreamData { conn, data });
-        } else {
-            turn.replies.push(text);
-        }
+        let sep = if turn.replies.is_empty() { "" } else { "\n\n" };
+        self.stream_text(now, &mut turn, &format!("{sep}{text}"));
+        turn.replies.push(text);
+        self.sessions.get_mut(key).expect("session").current = Some(turn);
     }
 
     /// End the turn in flight with `answer` and move on to the next one.
     pub(super) fn end_turn(&mut self, now: Instant, key: &str, answer: Answer) {
-        let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else {
-            return;
-        };
-        if let Some(pid) = self.sessions[key].proc {
-            if let Some(p) = self.procs.get_mut(&pid) {
-                p.idle_since = now;
+        let Some(session) = self.sessions.get_mut(key) else { return };
+        let Some(mut turn) = session.current.take() else { return };
+        if let Answer::Text(text) = &answer {
+            session.recent.push_front((turn.fingerprint, text.clone(), now));
+            session.recent.truncate(RECENT_MAX);
+        }
+        let (ephemeral, proc) = (session.ephemeral, session.proc);
+        self.answer(&mut turn, &answer);
+        if let Some(p) = proc.and_then(|id| self.procs.get_mut(&id)) {
+            p.idle_since = now;
+        }
+        if ephemeral {
+            if let Some(id) = proc {
+                self.stop_process(now, id, "one-shot session done");
             }
         }
-        self.answer(turn, answer);
         self.deliver_next(now, key);
         self.maybe_finish_shutdown(now);
-    }
-
-    /// Send a turn's answer to its client (if the client is still there).
-    pub(super) fn answer(&mut self, turn: Turn, answer: Answer) {
-        if self.waiting.remove(&turn.conn).is_none() {
-            return; // client gone
-        }
-        let conn = turn.conn;
-        let c = &turn.completion;
-        match (turn.stream, answer) {
-            (true, Answer::Text(_)) => {
-                let data = openai::stream_end(c, turn.include_usage);
-                self.push(Output::StreamData { conn, data });
-                self.push(Output::StreamEnd { conn });
-            }
-            (true, Answer::Error(e)) => {
-                log::warn!("{}: {} {}", c.id, e.status, e.message);
-                self.push(Output::StreamData { conn, data: openai::stream_error(&e) });
-                self.push(Output::StreamEnd { conn });
-            }
-            (false, Answer::Text(text)) => {
-                let response = Response::json(200, openai::completion_json(c, &text));
-                self.push(Output::Respond { conn, response });
-            }
-            (false, Answer::Error(e)) => {
-                log::warn!("{}: {} {}", c.id, e.status, e.message);
-                self.push(Output::Respond { conn, response: error_response(&e) });
-            }
-        }
     }
 
     /// Fail every turn of a session that has not reached Claude.
@@ -213,8 +188,8 @@ impl Engine {
             Some(s) => s.queue.drain(..).collect(),
             None => return,
         };
-        for turn in queued {
-            self.answer(turn, Answer::Error(err.clone()));
+        for mut turn in queued {
+            self.answer(&mut turn, &Answer::Error(err.clone()));
         }
     }
 
@@ -226,27 +201,39 @@ impl Engine {
         }
     }
 
-    /// Turns past `turn_timeout`: interrupt Claude and answer 504.
+    /// Turn deadlines: turn timeout (interrupt, 504), abandoned by every client (interrupt),
+    /// keep-alive for streams.
     pub(super) fn expire_turns(&mut self, now: Instant) {
-        let expired: Vec<String> =
+        let due: Vec<String> =
             self.sessions.values().filter(|s| s.deadline().is_some_and(|d| now >= d)).map(|s| s.key.clone()).collect();
-        for key in expired {
-            let secs = self.settings.turn_timeout.as_secs();
-            let err = ApiError::new(
-                504,
-                "turn_timeout",
-                format!("Claude did not finish the turn within {secs} s; it was interrupted"),
-            );
-            self.interrupt(now, &key, Some(err));
+        let due_at = |t: Option<Instant>| t.is_some_and(|t| now >= t);
+        for key in due {
+            let mut queue = std::mem::take(&mut self.sessions.get_mut(&key).expect("session").queue);
+            for turn in queue.iter_mut().filter(|t| due_at(t.keepalive_at)) {
+                self.keep_alive(now, turn);
+            }
+            let session = self.sessions.get_mut(&key).expect("session");
+            session.queue = queue;
+            let Some(mut turn) = session.current.take() else { continue };
+            if due_at(turn.keepalive_at) {
+                self.keep_alive(now, &mut turn);
+            }
+            let (timed_out, orphaned) = (due_at(turn.deadline), due_at(turn.orphan_deadline));
+            self.sessions.get_mut(&key).expect("session").current = Some(turn);
+            if timed_out {
+                let secs = self.settings.turn_timeout.as_secs();
+                let msg = format!("Claude did not finish the turn within {secs} s; it was interrupted");
+                self.interrupt(now, &key, Some(ApiError::new(504, "turn_timeout", msg)));
+            } else if orphaned {
+                self.interrupt(now, &key, None);
+            }
         }
     }
 
-    /// Abort the turn in flight with one ESC (no Stop hook follows), answer it with `err`
-    /// (or nobody, when the client left), and let the process settle before the next turn.
+    /// Abort the turn in flight with one ESC (no Stop hook follows), answer it with `err`,
+    /// and let the process settle before the next turn.
     pub(super) fn interrupt(&mut self, now: Instant, key: &str, err: Option<ApiError>) {
-        let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else {
-            return;
-        };
+        let Some(mut turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else { return };
         log::info!("session {key}: interrupting {}", turn.chat_id);
         if let Some(pid) = self.sessions[key].proc {
             self.push(Output::WriteTerminal { proc: pid, data: "\x1b".into() });
@@ -255,38 +242,28 @@ impl Engine {
                 p.idle_since = now;
             }
         }
-        match err {
-            Some(e) => self.answer(turn, Answer::Error(e)),
-            None => {
-                self.waiting.remove(&turn.conn);
-            }
+        if let Some(err) = err {
+            self.answer(&mut turn, &Answer::Error(err));
         }
         self.maybe_finish_shutdown(now);
+        self.deliver_next(now, key);
     }
 
-    /// The client of a turn went away: drop it if queued, interrupt it if in flight.
+    /// A client went away. A queued turn nobody waits for is dropped (it never reached Claude);
+    /// a turn in flight nobody waits for is interrupted after `retry_grace`, unless a retry of
+    /// the same request attaches to it first.
     pub(super) fn on_conn_closed(&mut self, now: Instant, conn: ConnId) {
-        let Some(key) = self.waiting.remove(&conn) else {
-            return;
-        };
-        let Some(session) = self.sessions.get_mut(&key) else {
-            return;
-        };
-        if session.current.as_ref().is_some_and(|t| t.conn == conn) {
-            self.waiting.insert(conn, key.clone());
-            self.interrupt(now, &key, None);
-            self.deliver_next(now, &key);
-        } else {
-            session.queue.retain(|t| t.conn != conn);
-            log::info!("session {key}: client left before its turn was delivered");
+        let Some(key) = self.waiting.remove(&conn) else { return };
+        let grace = self.settings.retry_grace;
+        let Some(session) = self.sessions.get_mut(&key) else { return };
+        for turn in session.current.iter_mut().chain(session.queue.iter_mut()) {
+            turn.listeners.retain(|l| l.conn != conn);
+        }
+        session.queue.retain(|t| !t.listeners.is_empty());
+        if let Some(turn) = session.current.as_mut().filter(|t| t.listeners.is_empty() && t.asked.is_none()) {
+            log::info!("session {key}: the client of {} left", turn.chat_id);
+            turn.orphan_deadline = Some(now + grace);
+            turn.keepalive_at = None;
         }
     }
-}
-
-pub fn error_response(e: &ApiError) -> Response {
-    let mut r = Response::json(e.status, e.body());
-    if let Some(secs) = e.retry_after {
-        r.headers.push(("retry-after".into(), secs.to_string()));
-    }
-    r
 }

@@ -1,10 +1,15 @@
 //! The bridge protocol between `synthesis channel` (inside claude) and the daemon:
 //! JSON text frames over one WebSocket per claude process, each with a `type`.
+//!
+//! channel → daemon: `hello` (at start, binds the socket), `ready` (claude has registered the
+//! channel), `reply`, `tool_call`, `heartbeat`. daemon → channel: `tools` (the catalog, sent
+//! right after `hello` and whenever it changes), `deliver`, `tool_result`.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Bumped on any incompatible change; the daemon refuses a `hello` of another version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const PATH: &str = "/bridge";
 
 /// Environment variables the daemon gives the channel through `--mcp-config`.
@@ -17,17 +22,23 @@ pub const HEARTBEAT_SECS: u64 = 5;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromChannel {
-    /// First frame, sent once MCP is initialised: binds this socket to the process owning `token`.
-    Hello {
-        v: u32,
-        token: String,
-    },
+    /// First frame: binds this socket to the process owning `token`.
+    Hello { v: u32, token: String },
+    /// MCP is initialised and claude has had time to register the channel.
+    Ready,
     /// Claude called the `reply` tool.
-    Reply {
-        chat_id: String,
-        text: String,
-    },
+    Reply { chat_id: String, text: String },
+    /// Claude called one of the client's tools; `call_ref` names the MCP call to answer.
+    ToolCall { call_ref: String, name: String, arguments: Value },
     Heartbeat,
+}
+
+/// A client (OpenClaw) tool offered to Claude as an MCP tool of the channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolDef {
+    pub name: String,
+    pub description: String,
+    pub input_schema: Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,4 +46,8 @@ pub enum FromChannel {
 pub enum ToChannel {
     /// Push one user message into Claude as a channel notification.
     Deliver { chat_id: String, content: String },
+    /// The client tools Claude may call (besides `reply`).
+    Tools { tools: Vec<ToolDef> },
+    /// The client's result for a `tool_call`.
+    ToolResult { call_ref: String, content: String, is_error: bool },
 }

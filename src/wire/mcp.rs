@@ -59,6 +59,11 @@ pub fn reply_tool() -> Value {
     })
 }
 
+/// A client tool as an MCP tool.
+pub fn client_tool(t: &crate::wire::bridge::ToolDef) -> Value {
+    json!({"name": t.name, "description": t.description, "inputSchema": t.input_schema})
+}
+
 pub fn tool_text(text: &str, is_error: bool) -> Value {
     json!({"content": [{"type": "text", "text": text}], "isError": is_error})
 }

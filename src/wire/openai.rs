@@ -18,6 +18,9 @@ pub struct ChatRequest {
     pub prompt_cache_key: Option<String>,
     #[serde(default)]
     pub user: Option<String>,
+    /// OpenAI function tools, offered to Claude as MCP tools.
+    #[serde(default)]
+    pub tools: Vec<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -31,6 +34,9 @@ pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Value>,
+    /// On `role: "tool"` messages: the call this is the result of.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -58,6 +64,17 @@ impl ChatRequest {
             .filter(|t| !t.is_empty())
             .collect::<Vec<_>>()
             .join("\n\n")
+    }
+
+    /// The conversation before the new input, as `[role]: text` lines (no system messages).
+    pub fn earlier_history(&self) -> String {
+        let end = self.messages.iter().rposition(|m| m.role == "assistant").map_or(0, |i| i + 1);
+        self.messages[..end]
+            .iter()
+            .filter(|m| m.role != "system")
+            .map(|m| format!("[{}]: {}", m.role, m.text()))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn include_usage(&self) -> bool {
@@ -111,9 +128,47 @@ pub fn content_chunk(c: &Completion, text: &str) -> String {
     chunk(c, json!({"content": text}), None)
 }
 
+/// A chunk with an empty delta: the SDKs yield it (so client watchdogs see life), it adds no text.
+pub fn keepalive_chunk(c: &Completion) -> String {
+    chunk(c, json!({}), None)
+}
+
+/// A client-tool call, as OpenAI calls it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
+}
+
+impl ToolCall {
+    fn json(&self) -> Value {
+        json!({"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}})
+    }
+}
+
+pub fn tool_call_chunk(c: &Completion, call: &ToolCall) -> String {
+    let mut call = call.json();
+    call["index"] = json!(0);
+    chunk(c, json!({"tool_calls": [call]}), None)
+}
+
+/// The whole non-streamed answer that asks the client to run a tool.
+pub fn tool_call_json(c: &Completion, text: &str, call: &ToolCall) -> String {
+    let content = if text.is_empty() { Value::Null } else { json!(text) };
+    json!({
+        "id": c.id, "object": "chat.completion", "created": c.created, "model": c.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "tool_calls": [call.json()]},
+                     "finish_reason": "tool_calls"}],
+        "usage": usage(),
+    })
+    .to_string()
+}
+
 /// The closing events: finish reason, usage when asked for, and `[DONE]`.
-pub fn stream_end(c: &Completion, include_usage: bool) -> String {
-    let mut out = chunk(c, json!({}), Some("stop"));
+pub fn stream_end(c: &Completion, finish: &str, include_usage: bool) -> String {
+    let mut out = chunk(c, json!({}), Some(finish));
     if include_usage {
         let body = json!({
             "id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model,

@@ -27,6 +27,10 @@ pub fn settings() -> Settings {
         settle: Duration::from_millis(500),
         bridge_silence: Duration::from_secs(3600),
         trust_workspace: false,
+        keepalive: Duration::from_secs(15),
+        retry_grace: Duration::from_secs(10),
+        tools_allow: vec!["*".into()],
+        tools_deny: Vec::new(),
     }
 }
 
@@ -90,7 +94,8 @@ impl Script {
         assert!(self.input(Input::Terminal { proc, text: dialog.into() }).is_empty());
         let confirm = self.advance(Duration::from_millis(300));
         assert_eq!(confirm, vec![Output::WriteTerminal { proc, data: "\r".into() }]);
-        self.input(hello(bridge_conn, token))
+        assert_eq!(self.input(hello(bridge_conn, token)), vec![tools_frame(bridge_conn, vec![])]);
+        self.input(ready(bridge_conn))
     }
 }
 
@@ -111,7 +116,7 @@ pub fn http(conn: u64, request: Request) -> Input {
 pub fn chat(conn: u64, session: &str, text: &str, stream: bool) -> Input {
     let body = json!({
         "model": "claude-code",
-        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}],
+        "messages": [{"role": "user", "content": text}],
         "stream": stream,
         "stream_options": {"include_usage": true},
     });
@@ -121,7 +126,15 @@ pub fn chat(conn: u64, session: &str, text: &str, stream: bool) -> Input {
 }
 
 pub fn hello(conn: u64, token: &str) -> Input {
-    Input::BridgeFrame { conn, frame: FromChannel::Hello { v: 1, token: token.into() } }
+    Input::BridgeFrame { conn, frame: FromChannel::Hello { v: synthesis::wire::bridge::VERSION, token: token.into() } }
+}
+
+pub fn ready(conn: u64) -> Input {
+    Input::BridgeFrame { conn, frame: FromChannel::Ready }
+}
+
+pub fn tools_frame(conn: u64, tools: Vec<synthesis::wire::bridge::ToolDef>) -> Output {
+    Output::Bridge { conn, frame: synthesis::wire::bridge::ToChannel::Tools { tools } }
 }
 
 pub fn reply(conn: u64, chat_id: &str, text: &str) -> Input {

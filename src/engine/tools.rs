@@ -1,0 +1,117 @@
+//! Client tools ("contractor" pattern): OpenClaw's `tools` become MCP tools of the channel.
+//! Claude's call ends the current response with `tool_calls`; the `role: "tool"` message of the
+//! client's next request answers the MCP call, and that request waits for the rest of the turn.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::turn::{Listener, PendingCall, Turn};
+use super::{Engine, Output, ProcId};
+use crate::wire::bridge::{ToChannel, ToolDef};
+use crate::wire::openai::{ChatRequest, ToolCall};
+
+impl Engine {
+    /// The request's tools that may be offered to Claude (`tools_allow` / `tools_deny`).
+    pub(super) fn offered_tools(&self, req: &ChatRequest) -> Vec<ToolDef> {
+        let listed = |list: &[String], name: &str| list.iter().any(|p| p == "*" || p == name);
+        req.tools
+            .iter()
+            .filter_map(|t| {
+                let f = t.get("function")?;
+                let name = f.get("name")?.as_str()?.to_string();
+                let description = f.get("description").and_then(Value::as_str).unwrap_or("").to_string();
+                let input_schema = f.get("parameters").cloned().unwrap_or(serde_json::json!({"type": "object"}));
+                Some(ToolDef { name, description, input_schema })
+            })
+            .filter(|t| t.name != "reply" && listed(&self.settings.tools_allow, &t.name))
+            .filter(|t| !listed(&self.settings.tools_deny, &t.name))
+            .collect()
+    }
+
+    /// Send the session's catalog to its process when the process has not seen it yet.
+    pub(super) fn send_tools(&mut self, key: &str, pid: ProcId) {
+        let tools = self.sessions[key].tools.clone();
+        let mut h = DefaultHasher::new();
+        serde_json::to_string(&tools).expect("tools serialise").hash(&mut h);
+        let hash = h.finish();
+        let Some(p) = self.procs.get_mut(&pid) else { return };
+        let Some(conn) = p.bridge.filter(|_| p.tools_sent != Some(hash)) else { return };
+        p.tools_sent = Some(hash);
+        self.push(Output::Bridge { conn, frame: ToChannel::Tools { tools } });
+    }
+
+    /// Claude called a client tool during the turn in flight.
+    pub(super) fn on_tool_call(&mut self, key: &str, call_ref: String, name: String, arguments: Value) {
+        let id = format!("call_{}", self.ids.token());
+        let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.as_mut()) else {
+            log::warn!("session {key}: tool call {name} outside a turn");
+            return;
+        };
+        log::info!("session {key}: Claude calls client tool {name} as {id}");
+        turn.calls.push_back(PendingCall { call: ToolCall { id, name, arguments: arguments.to_string() }, call_ref });
+        let mut turn = self.sessions.get_mut(key).and_then(|s| s.current.take()).expect("turn");
+        self.ask_next_call(&mut turn);
+        self.sessions.get_mut(key).expect("session").current = Some(turn);
+    }
+
+    /// Hand the next tool call to the clients waiting for the turn, if nothing is asked yet.
+    pub(super) fn ask_next_call(&mut self, turn: &mut Turn) {
+        if turn.asked.is_some() || turn.listeners.is_empty() {
+            return;
+        }
+        let Some(next) = turn.calls.pop_front() else { return };
+        self.answer_tool_call(turn, &next.call);
+        turn.asked = Some(next);
+    }
+
+    /// If the session's turn waits for a tool result and `req` carries it, pass it to Claude and
+    /// let `l` wait for the rest of the turn (`None`). Otherwise give `l` back; a turn still
+    /// waiting is told that the client will not run its tools.
+    pub(super) fn continue_with_tool_result(
+        &mut self,
+        now: Instant,
+        key: &str,
+        req: &ChatRequest,
+        l: Listener,
+    ) -> Option<Listener> {
+        let session = self.sessions.get_mut(key)?;
+        let Some(turn) = session.current.as_mut().filter(|t| t.asked.is_some()) else { return Some(l) };
+        let asked = turn.asked.take().expect("asked");
+        let bridge = session.proc.and_then(|p| self.procs.get(&p)).and_then(|p| p.bridge);
+        let result = req
+            .messages
+            .iter()
+            .filter(|m| m.role == "tool")
+            .find(|m| m.tool_call_id.as_deref().is_some_and(|id| same_call_id(id, &asked.call.id)));
+        let Some(result) = result else {
+            // The client moved on without running the tools: Claude gets an error and goes on.
+            let abandoned: Vec<PendingCall> = std::iter::once(asked).chain(turn.calls.drain(..)).collect();
+            log::warn!("session {key}: the client did not return results for {} tool call(s)", abandoned.len());
+            for call in abandoned {
+                let content = "The user did not run this tool.".to_string();
+                let frame = ToChannel::ToolResult { call_ref: call.call_ref, content, is_error: true };
+                if let Some(conn) = bridge {
+                    self.push(Output::Bridge { conn, frame });
+                }
+            }
+            return Some(l);
+        };
+        let frame = ToChannel::ToolResult { call_ref: asked.call_ref, content: result.text(), is_error: false };
+        if let Some(conn) = bridge {
+            self.push(Output::Bridge { conn, frame });
+        }
+        let mut turn = self.sessions.get_mut(key)?.current.take().expect("turn");
+        self.listen(now, key, &mut turn, l);
+        self.sessions.get_mut(key)?.current = Some(turn);
+        None
+    }
+}
+
+/// OpenClaw rewrites tool call ids (`call_synth_1` comes back as `callsynth1`): compare only
+/// letters and digits, case-insensitively.
+pub fn same_call_id(a: &str, b: &str) -> bool {
+    let norm = |s: &str| s.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect::<String>();
+    norm(a) == norm(b)
+}

@@ -1,0 +1,166 @@
+//! A turn and the clients waiting for it. Several clients can wait for one turn (OpenClaw
+//! retries an identical body), and one turn can answer several requests in a row (each
+//! client-tool call ends one response; the tool result arrives in the next request).
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::{ConnId, Engine, Output};
+use crate::wire::http::Response;
+use crate::wire::openai::{self, ApiError, Completion, ToolCall};
+
+/// A client waiting for a turn's answer.
+pub struct Listener {
+    pub conn: ConnId,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub completion: Completion,
+}
+
+/// A call of a client tool, by Claude, that the client has to run.
+pub struct PendingCall {
+    pub call: ToolCall,
+    /// The channel's MCP call to answer with the result.
+    pub call_ref: String,
+}
+
+pub struct Turn {
+    pub listeners: Vec<Listener>,
+    /// Hash of the request body: an identical retry attaches to this turn.
+    pub fingerprint: u64,
+    /// The text delivered to Claude as one channel message.
+    pub content: String,
+    pub chat_id: String,
+    /// Reply texts of the response in progress.
+    pub replies: Vec<String>,
+    /// Set at delivery: when the turn is interrupted and answered 504.
+    pub deadline: Option<Instant>,
+    /// The last client left: interrupt at this time unless a retry attaches.
+    pub orphan_deadline: Option<Instant>,
+    /// Next keep-alive event for streaming listeners.
+    pub keepalive_at: Option<Instant>,
+    /// Tool call sent to the client, whose result the next request must carry.
+    pub asked: Option<PendingCall>,
+    /// Further tool calls Claude made meanwhile, to hand out one per response.
+    pub calls: VecDeque<PendingCall>,
+}
+
+impl Turn {
+    pub fn new(fingerprint: u64, content: String) -> Self {
+        Turn {
+            listeners: Vec::new(),
+            fingerprint,
+            content,
+            chat_id: String::new(),
+            replies: Vec::new(),
+            deadline: None,
+            orphan_deadline: None,
+            keepalive_at: None,
+            asked: None,
+            calls: VecDeque::new(),
+        }
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        [self.deadline, self.orphan_deadline, self.keepalive_at].into_iter().flatten().min()
+    }
+}
+
+/// How a response ends.
+pub enum Answer {
+    Text(String),
+    Error(ApiError),
+}
+
+impl Engine {
+    /// Start a listener's response: SSE head and role chunk at once (OpenClaw's first-event
+    /// watchdog is running), plus what the turn has already said.
+    pub(super) fn open_listener(&mut self, l: &Listener, said: &[String]) {
+        if !l.stream {
+            return;
+        }
+        self.push(Output::StreamStart { conn: l.conn });
+        self.push(Output::StreamData { conn: l.conn, data: openai::role_chunk(&l.completion) });
+        if !said.is_empty() {
+            self.push(Output::StreamData { conn: l.conn, data: openai::content_chunk(&l.completion, &said.join("\n\n")) });
+        }
+    }
+
+    /// Send `text` as a content delta to every streaming listener.
+    pub(super) fn stream_text(&mut self, now: Instant, turn: &mut Turn, text: &str) {
+        for l in turn.listeners.iter().filter(|l| l.stream) {
+            let data = openai::content_chunk(&l.completion, text);
+            self.outputs.push_back(Output::StreamData { conn: l.conn, data });
+        }
+        turn.keepalive_at = self.next_keepalive(now, turn);
+    }
+
+    /// A chunk that adds no text, so that no client watchdog fires during a long turn.
+    pub(super) fn keep_alive(&mut self, now: Instant, turn: &mut Turn) {
+        for l in turn.listeners.iter().filter(|l| l.stream) {
+            self.outputs.push_back(Output::StreamData { conn: l.conn, data: openai::keepalive_chunk(&l.completion) });
+        }
+        turn.keepalive_at = self.next_keepalive(now, turn);
+    }
+
+    pub(super) fn next_keepalive(&self, now: Instant, turn: &Turn) -> Option<Instant> {
+        turn.listeners.iter().any(|l| l.stream).then_some(now + self.settings.keepalive)
+    }
+
+    /// End every listener's response with `answer`.
+    pub(super) fn answer(&mut self, turn: &mut Turn, answer: &Answer) {
+        for l in std::mem::take(&mut turn.listeners) {
+            self.waiting.remove(&l.conn);
+            let (conn, c) = (l.conn, &l.completion);
+            match answer {
+                Answer::Text(_) if l.stream => {
+                    // The text went out as deltas already.
+                    self.push(Output::StreamData { conn, data: openai::stream_end(c, "stop", l.include_usage) });
+                    self.push(Output::StreamEnd { conn });
+                }
+                Answer::Text(text) => {
+                    let response = Response::json(200, openai::completion_json(c, text));
+                    self.push(Output::Respond { conn, response });
+                }
+                Answer::Error(e) => {
+                    log::warn!("{}: {} {}", c.id, e.status, e.message);
+                    if l.stream {
+                        self.push(Output::StreamData { conn, data: openai::stream_error(e) });
+                        self.push(Output::StreamEnd { conn });
+                    } else {
+                        self.push(Output::Respond { conn, response: error_response(e) });
+                    }
+                }
+            }
+        }
+        turn.keepalive_at = None;
+    }
+
+    /// End every listener's response with a client-tool call (`finish_reason: "tool_calls"`).
+    pub(super) fn answer_tool_call(&mut self, turn: &mut Turn, call: &ToolCall) {
+        let text = turn.replies.join("\n\n");
+        for l in std::mem::take(&mut turn.listeners) {
+            self.waiting.remove(&l.conn);
+            let (conn, c) = (l.conn, &l.completion);
+            if l.stream {
+                let mut data = openai::tool_call_chunk(c, call);
+                data.push_str(&openai::stream_end(c, "tool_calls", l.include_usage));
+                self.push(Output::StreamData { conn, data });
+                self.push(Output::StreamEnd { conn });
+            } else {
+                let response = Response::json(200, openai::tool_call_json(c, &text, call));
+                self.push(Output::Respond { conn, response });
+            }
+        }
+        turn.replies.clear();
+        turn.keepalive_at = None;
+    }
+}
+
+pub fn error_response(e: &ApiError) -> Response {
+    let mut r = Response::json(e.status, e.body());
+    if let Some(secs) = e.retry_after {
+        r.headers.push(("retry-after".into(), secs.to_string()));
+    }
+    r
+}
