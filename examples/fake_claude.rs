@@ -10,6 +10,7 @@
 //!   `sleep <secs>`  → wait (ESC interrupts), then echo
 //!   `crash`         → exit 3 mid-turn
 //!   `silent`        → end the turn without `reply` (last_assistant_message `silent-answer`)
+//!   `tool <name> <json-args>` → call the channel's client tool, then reply `echo: tool result: <text>`
 //! Messages that arrive during a turn are merged into the next turn, as claude does.
 //! Environment: `FAKE_CLAUDE_LOG=<path>` appends each channel notification as a JSON line;
 //! `FAKE_CLAUDE_DROP_FIRST=1` drops the first notification (claude's registration race);
@@ -293,7 +294,14 @@ impl Fake {
                     return; // no Stop hook after an interrupt
                 }
             }
-            let answer = format!("echo: {text}");
+            let answer = match script.strip_prefix("tool ").and_then(|rest| rest.split_once(' ')) {
+                Some((name, args)) => {
+                    let args: Value = serde_json::from_str(args).unwrap_or(json!({}));
+                    let r = self.request("tools/call", json!({"name": name, "arguments": args}));
+                    format!("echo: tool result: {}", r["result"]["content"][0]["text"].as_str().unwrap_or(""))
+                }
+                None => format!("echo: {text}"),
+            };
             let r = self.request("tools/call", json!({"name": "reply", "arguments": {"chat_id": chat_id, "text": answer}, "_meta": {"claudecode/toolUseId": "toolu_1"}}));
             assert_eq!(r["result"]["content"][0]["text"], "sent");
             "Replied.".to_string()

@@ -267,3 +267,32 @@ fn a_first_message_dropped_by_claude_is_delivered_again_and_answered_once() {
     let delivered: Vec<String> = d.delivered().iter().map(|v| v["content"].as_str().unwrap().to_string()).collect();
     assert_eq!(delivered, ["are you there", "second"], "each message reached claude's turn once");
 }
+
+#[test]
+fn the_tool_loop_end_to_end() {
+    let d = Daemon::start("toolloop", "", &[]);
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [("authorization", auth.as_str()), ("x-session-affinity", "t:0")];
+    let ls = serde_json::json!({"type": "function", "function": {"name": "ls", "description": "List a directory",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}});
+    let ask = r#"tool ls {"path":"."}"#;
+    let first = serde_json::json!({"messages": [{"role": "user", "content": ask}], "tools": [ls]});
+    let r = d.client().request("POST", "/v1/chat/completions", &headers, &first.to_string());
+    let choice = &r.json()["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{}", r.body);
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(
+        (call["function"]["name"].as_str(), call["function"]["arguments"].as_str()),
+        (Some("ls"), Some(r#"{"path":"."}"#))
+    );
+    // OpenClaw runs the tool and sends the result, with the call id rewritten its way.
+    let id: String = call["id"].as_str().unwrap().chars().filter(char::is_ascii_alphanumeric).collect();
+    let second = serde_json::json!({"messages": [
+        {"role": "user", "content": ask},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": {"name": "ls", "arguments": "{\"path\":\".\"}"}}]},
+        {"role": "tool", "tool_call_id": id, "content": "\"hello.txt\""},
+    ], "tools": [ls]});
+    let r = d.client().request("POST", "/v1/chat/completions", &headers, &second.to_string());
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: tool result: \"hello.txt\"", "{}", r.body);
+    assert_eq!(d.delivered().len(), 1, "the tool result is not a new message");
+}

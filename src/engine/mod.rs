@@ -7,7 +7,7 @@
 
 mod api;
 mod openclaw;
-pub use api::{HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
+pub use api::{session_key, HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
 mod process;
 pub mod screen;
 mod session;

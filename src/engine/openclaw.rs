@@ -24,7 +24,8 @@ pub fn fingerprint(body: &str) -> u64 {
 }
 
 fn is_compaction(req: &ChatRequest) -> bool {
-    req.tools.is_empty() && req.messages.first().is_some_and(|m| m.role == "system" && m.text().starts_with(COMPACTION_PROMPT))
+    req.tools.is_empty()
+        && req.messages.first().is_some_and(|m| m.role == "system" && m.text().starts_with(COMPACTION_PROMPT))
 }
 
 /// `<id>:<N>` → (`<id>`, N).
@@ -65,7 +66,11 @@ impl Engine {
         }
         let content = self.compose(&key, req, fresh);
         if req.new_user_text().is_empty() {
-            return Err(ApiError::new(400, "no_user_message", "no user message with text after the last assistant message"));
+            return Err(ApiError::new(
+                400,
+                "no_user_message",
+                "no user message with text after the last assistant message",
+            ));
         }
         self.admit(now, &key, Turn::new(fingerprint, content), l)
     }
@@ -80,7 +85,8 @@ impl Engine {
         if is_compaction(req) {
             let key = format!("compaction:{key}");
             let uuid = self.ids.uuid();
-            let s = self.sessions.entry(key.clone()).or_insert_with(|| Session::new(key.clone(), uuid.clone(), unix_secs));
+            let s =
+                self.sessions.entry(key.clone()).or_insert_with(|| Session::new(key.clone(), uuid.clone(), unix_secs));
             s.ephemeral = true;
             if s.is_idle() && s.proc.is_none() {
                 s.uuid = uuid;
@@ -91,8 +97,11 @@ impl Engine {
         if let Some(canonical) = self.session_key_of(key) {
             return (canonical, false);
         }
-        let compacted = req.messages.iter().find(|m| m.role != "system").is_some_and(|m| m.text().starts_with(COMPACTED_HISTORY));
-        if let Some(earlier) = generation(key).filter(|_| compacted).and_then(|(base, n)| self.latest_generation(base, n)) {
+        let compacted =
+            req.messages.iter().find(|m| m.role != "system").is_some_and(|m| m.text().starts_with(COMPACTED_HISTORY));
+        if let Some(earlier) =
+            generation(key).filter(|_| compacted).and_then(|(base, n)| self.latest_generation(base, n))
+        {
             log::info!("session {earlier}: continues as {key} after a compaction");
             self.sessions.get_mut(&earlier).expect("session").aliases.push(key.to_string());
             self.save_sessions();

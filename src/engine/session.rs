@@ -88,7 +88,10 @@ impl Session {
     }
 
     pub fn recent_answer(&self, fingerprint: u64, now: Instant) -> Option<&str> {
-        self.recent.iter().find(|(f, _, at)| *f == fingerprint && now.duration_since(*at) < RECENT_TTL).map(|r| r.1.as_str())
+        self.recent
+            .iter()
+            .find(|(f, _, at)| *f == fingerprint && now.duration_since(*at) < RECENT_TTL)
+            .map(|r| r.1.as_str())
     }
 }
 

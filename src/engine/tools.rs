@@ -112,6 +112,7 @@ impl Engine {
 /// OpenClaw rewrites tool call ids (`call_synth_1` comes back as `callsynth1`): compare only
 /// letters and digits, case-insensitively.
 pub fn same_call_id(a: &str, b: &str) -> bool {
-    let norm = |s: &str| s.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect::<String>();
+    let norm =
+        |s: &str| s.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect::<String>();
     norm(a) == norm(b)
 }

@@ -82,7 +82,10 @@ impl Engine {
         self.push(Output::StreamStart { conn: l.conn });
         self.push(Output::StreamData { conn: l.conn, data: openai::role_chunk(&l.completion) });
         if !said.is_empty() {
-            self.push(Output::StreamData { conn: l.conn, data: openai::content_chunk(&l.completion, &said.join("\n\n")) });
+            self.push(Output::StreamData {
+                conn: l.conn,
+                data: openai::content_chunk(&l.completion, &said.join("\n\n")),
+            });
         }
     }
 

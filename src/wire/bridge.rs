@@ -23,13 +23,23 @@ pub const HEARTBEAT_SECS: u64 = 5;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromChannel {
     /// First frame: binds this socket to the process owning `token`.
-    Hello { v: u32, token: String },
+    Hello {
+        v: u32,
+        token: String,
+    },
     /// MCP is initialised and claude has had time to register the channel.
     Ready,
     /// Claude called the `reply` tool.
-    Reply { chat_id: String, text: String },
+    Reply {
+        chat_id: String,
+        text: String,
+    },
     /// Claude called one of the client's tools; `call_ref` names the MCP call to answer.
-    ToolCall { call_ref: String, name: String, arguments: Value },
+    ToolCall {
+        call_ref: String,
+        name: String,
+        arguments: Value,
+    },
     Heartbeat,
 }
 

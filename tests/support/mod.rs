@@ -94,7 +94,10 @@ impl Script {
         assert!(self.input(Input::Terminal { proc, text: dialog.into() }).is_empty());
         let confirm = self.advance(Duration::from_millis(300));
         assert_eq!(confirm, vec![Output::WriteTerminal { proc, data: "\r".into() }]);
-        assert_eq!(self.input(hello(bridge_conn, token)), vec![tools_frame(bridge_conn, vec![])]);
+        let out = self.input(hello(bridge_conn, token));
+        let catalog =
+            matches!(&out[..], [Output::Bridge { frame: synthesis::wire::bridge::ToChannel::Tools { .. }, .. }]);
+        assert!(catalog, "hello is answered with the tool catalog only ({} outputs)", out.len());
         self.input(ready(bridge_conn))
     }
 }
@@ -185,4 +188,19 @@ pub fn prompt_hook(conn: u64, token: &str, chat_id: &str) -> Input {
     let body = json!({"session_id": "s", "hook_event_name": "UserPromptSubmit", "prompt": prompt});
     let auth = format!("Bearer {token}");
     http(conn, request("POST", "/hooks/prompt", &[("authorization", &auth)], &body.to_string()))
+}
+
+/// A captured OpenClaw request (tests/fixtures/openclaw), with our test API key.
+pub fn capture(name: &str) -> Request {
+    let path = format!("{}/tests/fixtures/openclaw/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let headers = c["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h[0].as_str().unwrap().to_string(), h[1].as_str().unwrap().to_string()))
+        .map(|(n, v)| if n == "authorization" { (n, format!("Bearer {KEY}")) } else { (n, v) })
+        .collect();
+    let body = c["raw_body"].as_str().map_or_else(|| c["body"].to_string(), String::from);
+    Request { method: c["method"].as_str().unwrap().into(), path: c["path"].as_str().unwrap().into(), headers, body }
 }
