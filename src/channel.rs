@@ -64,6 +64,8 @@ pub fn run() -> Result<(), String> {
         done: false,
     };
     channel.send(&FromChannel::Hello { v: bridge::VERSION, token });
+    // Frames that came with the handshake are already buffered: no readiness edge will announce them.
+    channel.read_bridge().map_err(|e| e.to_string())?;
     channel.run().map_err(|e| format!("channel: {e}"))
 }
 

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::engine::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_ANSWER};
 use crate::engine::SpawnSpec;
 use crate::shell::spawn::{home, Launch};
+use crate::wire::bridge::ToChannel;
 
 /// How long the test claude may take to register its channel.
 const CHANNEL_DEADLINE: Duration = Duration::from_secs(30);
@@ -124,8 +125,9 @@ fn check_channel(config: &Config, claude: &Path, workspace: &Path) -> Result<boo
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
     let debug = scratch.join("debug.log");
-    // The channel's bridge connects here and is never answered: only registration matters.
     let bridge = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = bridge.local_addr().map_err(|e| e.to_string())?;
+    std::thread::spawn(move || stand_in_bridge(bridge));
     let mut test_config = config.clone();
     test_config.claude_command = claude.to_string_lossy().into_owned();
     test_config.claude_args.extend(["--debug-file".to_string(), debug.to_string_lossy().into_owned()]);
@@ -133,7 +135,7 @@ fn check_channel(config: &Config, claude: &Path, workspace: &Path) -> Result<boo
     let launch = Launch {
         config: &test_config,
         self_exe: &self_exe,
-        addr: bridge.local_addr().map_err(|e| e.to_string())?,
+        addr,
         workspace,
         projects_dir: PathBuf::from("/nonexistent"),
     };
@@ -154,6 +156,19 @@ fn check_channel(config: &Config, claude: &Path, workspace: &Path) -> Result<boo
         Err(problem) => fail(&problem),
     }
     Ok(std::fs::read_to_string(&debug).is_ok_and(|d| d.contains(REGISTERED)))
+}
+
+/// Enough of the daemon's bridge for the channel to start: accept it, hand it an empty tool
+/// catalog, and keep the socket open.
+fn stand_in_bridge(listener: TcpListener) {
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let Ok(mut ws) = tungstenite::accept(stream) else { return };
+            let tools = serde_json::to_string(&ToChannel::Tools { tools: Vec::new() }).expect("frame");
+            let _ = ws.send(tungstenite::Message::text(tools));
+            while ws.read().is_ok() {}
+        });
+    }
 }
 
 const REGISTERED: &str = "\"synthesis\": Channel notifications registered";

@@ -9,6 +9,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("channel") => synthesis::channel::run(),
+        Some("openclaw-config") => config_path(&args[1..])
+            .and_then(|p| synthesis::config::Config::load(p.as_deref()))
+            .map(|c| println!("{:#}", synthesis::openclaw_config::provider_json(&c))),
         Some("doctor") => {
             let config = config_path(&args[1..]).and_then(|p| synthesis::config::Config::load(p.as_deref()));
             match config.and_then(|c| synthesis::doctor::run(&c)) {
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
 
 const USAGE: &str = "usage:
   synthesis [--config PATH]   run the service (default config: environment only)
+  synthesis openclaw-config [--config PATH]   print the provider JSON to merge into openclaw.json
   synthesis doctor [--config PATH]   check claude, login, workspace trust and the channel
   synthesis channel           the MCP channel server claude starts (not for manual use)";
 

@@ -268,3 +268,25 @@ fn an_api_error_ends_the_turn_with_an_error_response() {
     assert_eq!(r.json()["error"]["code"], "claude_api_error");
     assert_eq!(content(&real.d().client().chat("a", "and now", false)), "echo: and now");
 }
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn the_tool_loop_through_a_real_claude() {
+    let real = Real::start("toolloop");
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [("authorization", auth.as_str()), ("x-session-affinity", "t:0")];
+    let ls = json!({"type": "function", "function": {"name": "ls", "description": "List a directory",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}});
+    let first = json!({"messages": [{"role": "user", "content": "#tool list it"}], "tools": [ls]});
+    let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &first.to_string());
+    let call = r.json()["choices"][0]["message"]["tool_calls"][0].clone();
+    assert_eq!(call["function"]["name"], "ls", "{}", r.body);
+    let id: String = call["id"].as_str().unwrap().chars().filter(char::is_ascii_alphanumeric).collect();
+    let second = json!({"messages": [
+        {"role": "user", "content": "#tool list it"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": call["function"]}]},
+        {"role": "tool", "tool_call_id": id, "content": "hello.txt"},
+    ], "tools": [ls]});
+    let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &second.to_string());
+    assert_eq!(content(&r), "echo: tool result: hello.txt");
+}

@@ -9,6 +9,8 @@ assistant messages after it, so multi-step scripts continue across tool results:
   #reply2    step 0: reply "part 1"   step 1: reply "part 2"   then: text "done"
   #slowN     wait N seconds before answering (an interrupted claude hangs up meanwhile)
   #err400    HTTP 400 invalid_request_error (claude gives up: StopFailure)
+  #tool      step 0: call the client tool mcp__synthesis__ls {"path": "."}
+             step 1: reply "echo: tool result: <the tool's result text>"   then: text "done"
 Requests without a channel tag (titles, probes) get a short text answer.
 Every /v1/messages body is appended to LOGFILE as one JSON line.
 """
@@ -37,6 +39,16 @@ def text_of(content):
     return "\n".join(b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text")
 
 
+def tool_result_text(message):
+    """The text of the message's tool_result, or None without one."""
+    content = message.get("content")
+    for block in content if isinstance(content, list) else []:
+        if isinstance(block, dict) and block.get("type") == "tool_result":
+            content = block.get("content")
+            return content if isinstance(content, str) else text_of(content)
+    return None
+
+
 def script(body):
     """(blocks, stop_reason, directives) for a request."""
     msgs = body.get("messages") or []
@@ -57,6 +69,14 @@ def script(body):
                 "input": {"chat_id": chat_id, "text": text}}
 
     done = ([{"type": "text", "text": "done"}], "end_turn", dirs)
+    if "tool" in dirs and step == 0:
+        call = {"type": "tool_use", "id": next_id("toolu"), "name": "mcp__synthesis__ls", "input": {"path": "."}}
+        return [call], "tool_use", dirs
+    if "tool" in dirs and step == 1:
+        result = next((t for t in map(tool_result_text, reversed(msgs)) if t is not None), "")
+        return [reply(f"echo: tool result: {result}")], "tool_use", dirs
+    if "tool" in dirs:
+        return done
     if "plain" in dirs:
         return [{"type": "text", "text": f"PLAIN: {inner}"}], "end_turn", dirs
     if "reply2" in dirs:

@@ -1,0 +1,45 @@
+//! `synthesis openclaw-config`: the provider block to merge into `openclaw.json`.
+
+use serde_json::{json, Value};
+
+use crate::config::Config;
+
+pub fn provider_json(c: &Config) -> Value {
+    let mut addr = c.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    json!({
+        "models": {"mode": "merge", "providers": {"synthesis-claude-bridge": {
+            "baseUrl": format!("http://{addr}/v1"),
+            "apiKey": c.api_key.clone().unwrap_or_else(|| "unused".into()),
+            "api": "openai-completions",
+            "timeoutSeconds": 3600,
+            "models": [{
+                "id": c.model, "name": "Claude Code (synthesis)", "reasoning": false, "input": ["text"],
+                "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
+                "contextWindow": 200000, "maxTokens": 32000,
+                // Without these OpenClaw sends nothing that identifies the session.
+                "compat": {"sendSessionAffinityHeaders": true, "supportsPromptCacheKey": true}
+            }]
+        }}},
+        "agents": {"defaults": {"model": {"primary": format!("synthesis-claude-bridge/{}", c.model)}}}
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_in_listen_key_and_model() {
+        let c = Config::parse("listen = 0.0.0.0:9000\napi_key = sekrit\nmodel = cc", |_| None).unwrap();
+        let j = provider_json(&c);
+        let p = &j["models"]["providers"]["synthesis-claude-bridge"];
+        assert_eq!(p["baseUrl"], "http://127.0.0.1:9000/v1");
+        assert_eq!(p["apiKey"], "sekrit");
+        assert_eq!(p["models"][0]["id"], "cc");
+        assert_eq!(p["models"][0]["compat"]["sendSessionAffinityHeaders"], true);
+        assert_eq!(j["agents"]["defaults"]["model"]["primary"], "synthesis-claude-bridge/cc");
+    }
+}
