@@ -11,6 +11,7 @@
 //!   `crash`         → exit 3 mid-turn
 //!   `silent`        → end the turn without `reply` (last_assistant_message `silent-answer`)
 //!   `tool <name> <json-args>` → call the channel's client tool, then reply `echo: tool result: <text>`
+//!   `perm <tool>`   → ask permission (request id `abcde`), then reply `echo: permission <allow|deny>`
 //! Messages that arrive during a turn are merged into the next turn, as claude does.
 //! Environment: `FAKE_CLAUDE_LOG=<path>` appends each channel notification as a JSON line;
 //! `FAKE_CLAUDE_DROP_FIRST=1` drops the first notification (claude's registration race);
@@ -294,19 +295,48 @@ impl Fake {
                     return; // no Stop hook after an interrupt
                 }
             }
-            let answer = match script.strip_prefix("tool ").and_then(|rest| rest.split_once(' ')) {
-                Some((name, args)) => {
-                    let args: Value = serde_json::from_str(args).unwrap_or(json!({}));
-                    let r = self.request("tools/call", json!({"name": name, "arguments": args}));
-                    format!("echo: tool result: {}", r["result"]["content"][0]["text"].as_str().unwrap_or(""))
-                }
-                None => format!("echo: {text}"),
+            let answer = if let Some(tool) = script.strip_prefix("perm ") {
+                format!("echo: permission {}", self.ask_permission(tool.trim()))
+            } else {
+                self.tool_or_echo(script, text)
             };
+
             let r = self.request("tools/call", json!({"name": "reply", "arguments": {"chat_id": chat_id, "text": answer}, "_meta": {"claudecode/toolUseId": "toolu_1"}}));
             assert_eq!(r["result"]["content"][0]["text"], "sent");
             "Replied.".to_string()
         };
         self.call_hook("Stop", json!({"last_assistant_message": last}));
+    }
+
+    /// `tool <name> <json-args>` calls the channel's client tool; anything else is echoed.
+    fn tool_or_echo(&mut self, script: &str, text: &str) -> String {
+        match script.strip_prefix("tool ").and_then(|rest| rest.split_once(' ')) {
+            Some((name, args)) => {
+                let args: Value = serde_json::from_str(args).unwrap_or(json!({}));
+                let r = self.request("tools/call", json!({"name": name, "arguments": args}));
+                format!("echo: tool result: {}", r["result"]["content"][0]["text"].as_str().unwrap_or(""))
+            }
+            None => format!("echo: {text}"),
+        }
+    }
+
+    /// Ask the channel for permission to use `tool` (request id `abcde`) and wait for the verdict.
+    fn ask_permission(&mut self, tool: &str) -> String {
+        let params =
+            json!({"request_id": "abcde", "tool_name": tool, "description": "scripted request", "input_preview": "{}"});
+        self.send(
+            json!({"jsonrpc": "2.0", "method": "notifications/claude/channel/permission_request", "params": params}),
+        );
+        loop {
+            match self.events.recv() {
+                Ok(Event::Mcp(v)) if v["method"] == "notifications/claude/channel/permission" => {
+                    return v["params"]["behavior"].as_str().unwrap_or("").to_string()
+                }
+                Ok(Event::Mcp(v)) => self.note(v),
+                Ok(Event::Key(_)) => {}
+                Ok(Event::ChannelGone) | Err(_) => std::process::exit(0),
+            }
+        }
     }
 
     /// Sleep unless one ESC arrives; false when interrupted.

@@ -145,11 +145,21 @@ impl Channel {
         let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
         let params = msg.get("params").cloned().unwrap_or(Value::Null);
         let Some(id) = msg.get("id") else {
-            if method == "notifications/initialized" {
-                self.initialized = true;
-                self.ready_at = Some(Instant::now() + READY_DELAY);
+            let field = |k: &str| params.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            match method {
+                "notifications/initialized" => {
+                    self.initialized = true;
+                    self.ready_at = Some(Instant::now() + READY_DELAY);
+                }
+                "notifications/claude/channel/permission_request" => self.send(&FromChannel::PermissionRequest {
+                    request_id: field("request_id"),
+                    tool_name: field("tool_name"),
+                    description: field("description"),
+                    input_preview: field("input_preview"),
+                }),
+                _ => {}
             }
-            return Ok(()); // other notifications need no answer
+            return Ok(()); // notifications need no answer
         };
         match method {
             "initialize" => {
@@ -235,6 +245,10 @@ impl Channel {
                 }
                 Ok(())
             }
+            ToChannel::Permission { request_id, behavior } => write_line(&mcp::notification(
+                "notifications/claude/channel/permission",
+                json!({"request_id": request_id, "behavior": behavior}),
+            )),
             ToChannel::ToolResult { call_ref, content, is_error } => match self.pending.remove(&call_ref) {
                 Some(id) => write_line(&mcp::response(&id, mcp::tool_text(&content, is_error))),
                 None => Ok(()),

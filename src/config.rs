@@ -27,6 +27,7 @@ pub struct Config {
     pub retry_grace: Duration,
     pub tools_allow: Vec<String>,
     pub tools_deny: Vec<String>,
+    pub permissions: crate::engine::Permissions,
 }
 
 impl Default for Config {
@@ -52,6 +53,7 @@ impl Default for Config {
             retry_grace: Duration::from_secs(10),
             tools_allow: vec!["*".into()],
             tools_deny: Vec::new(),
+            permissions: crate::engine::Permissions::Relay,
         }
     }
 }
@@ -133,6 +135,15 @@ impl Config {
             "retry_grace" => self.retry_grace = duration(key, value)?,
             "tools_allow" => self.tools_allow = names(value),
             "tools_deny" => self.tools_deny = names(value),
+            "permissions" => {
+                use crate::engine::Permissions;
+                self.permissions = match value {
+                    "relay" => Permissions::Relay,
+                    "allow" => Permissions::Allow,
+                    "deny" => Permissions::Deny,
+                    _ => return Err(format!("permissions: relay, allow or deny, not {value:?}")),
+                }
+            }
             _ => return Err(format!("unknown key {key:?}")),
         }
         Ok(())

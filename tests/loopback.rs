@@ -296,3 +296,14 @@ fn the_tool_loop_end_to_end() {
     assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: tool result: \"hello.txt\"", "{}", r.body);
     assert_eq!(d.delivered().len(), 1, "the tool result is not a new message");
 }
+
+#[test]
+fn a_permission_request_round_trip_through_the_user() {
+    let d = Daemon::start("perm", "", &[]);
+    let r = d.client().chat("p", "perm Bash", false);
+    let text = r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(text.starts_with("Claude wants to use Bash") && text.contains("`yes abcde`"), "{text}");
+    let r = d.client().chat("p", "yes abcde", false);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: permission allow");
+    assert_eq!(d.delivered().len(), 1, "the verdict is not a message");
+}

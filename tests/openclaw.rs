@@ -191,3 +191,59 @@ fn keep_alive_chunks_flow_during_a_long_turn() {
     assert_eq!(c[0]["choices"][0]["finish_reason"], Value::Null);
     assert_eq!(chunks(&s.advance(Duration::from_secs(45)), 10).len(), 3, "every 15 s");
 }
+
+fn permission_request(id: &str) -> Input {
+    let frame = FromChannel::PermissionRequest {
+        request_id: id.into(),
+        tool_name: "Bash".into(),
+        description: "Run a command".into(),
+        input_preview: "rm -rf build".into(),
+    };
+    Input::BridgeFrame { conn: 100, frame }
+}
+
+fn verdict(id: &str, behavior: &str) -> Output {
+    Output::Bridge { conn: 100, frame: ToChannel::Permission { request_id: id.into(), behavior: behavior.into() } }
+}
+
+#[test]
+fn a_permission_request_is_relayed_to_the_user_and_the_answer_goes_back_to_claude() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "clean the build", false));
+    s.start_process(1, 7, 100, "t3");
+    s.input(prompt_hook(20, "t4", "chat-1"));
+    let out = s.input(permission_request("abcde"));
+    let (conn, status, body) = response(&out[0]);
+    assert_eq!((conn, status), (10, 200));
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.starts_with("Claude wants to use Bash: Run a command\nrm -rf build"), "{text}");
+    assert!(text.contains("reply `yes abcde` to allow or `no abcde` to deny"));
+    // The user's answer is a verdict for Claude, not a message.
+    let out = s.input(chat(11, "a", "[Wed 2026-11-25 12:09 UTC] yes abcde", false));
+    assert_eq!(out, vec![verdict("abcde", "allow")]);
+    s.input(reply(100, "chat-1", "cleaned"));
+    let out = s.input(stop_hook(21, "t4", None));
+    let (conn, _, body) = response(&out[1]);
+    assert_eq!((conn, body["choices"][0]["message"]["content"].as_str()), (11, Some("cleaned")));
+}
+
+#[test]
+fn moving_on_denies_the_open_permission_request() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "clean", true));
+    s.start_process(1, 7, 100, "t3");
+    let out = s.input(permission_request("qwert"));
+    assert_eq!(out.last(), Some(&Output::StreamEnd { conn: 10 }), "the question ends the response");
+    let out = s.input(chat(11, "a", "something else", false));
+    assert_eq!(out, vec![verdict("qwert", "deny")], "denied; the new message waits for the turn to end");
+}
+
+#[test]
+fn permissions_allow_answers_without_asking() {
+    let mut st = settings();
+    st.permissions = synthesis::engine::Permissions::Allow;
+    let mut s = Script::new(st);
+    s.input(chat(10, "a", "clean", false));
+    s.start_process(1, 7, 100, "t3");
+    assert_eq!(s.input(permission_request("zzzzz")), vec![verdict("zzzzz", "allow")]);
+}

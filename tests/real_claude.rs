@@ -290,3 +290,14 @@ fn the_tool_loop_through_a_real_claude() {
     let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &second.to_string());
     assert_eq!(content(&r), "echo: tool result: hello.txt");
 }
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn a_permission_prompt_is_relayed_to_the_user_and_allowed() {
+    let real = Real::start("permission");
+    let asked = content(&real.d().client().chat("a", "#bash run it", false));
+    assert!(asked.starts_with("Claude wants to use Bash"), "{asked}");
+    let id = asked.split("`yes ").nth(1).and_then(|s| s.split('`').next()).expect("request id").to_string();
+    let done = content(&real.d().client().chat("a", &format!("yes {id}"), false));
+    assert_eq!(done, "echo: bash said: bash-ran");
+}

@@ -7,7 +7,9 @@
 
 mod api;
 mod openclaw;
+mod permissions;
 pub use api::{session_key, HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
+pub use permissions::Permissions;
 mod process;
 pub mod screen;
 mod session;
@@ -242,6 +244,7 @@ pub struct Settings {
     /// Client tools offered to Claude (`*` = all) and withheld.
     pub tools_allow: Vec<String>,
     pub tools_deny: Vec<String>,
+    pub permissions: Permissions,
 }
 
 impl Settings {
@@ -264,6 +267,7 @@ impl Settings {
             retry_grace: c.retry_grace,
             tools_allow: c.tools_allow.clone(),
             tools_deny: c.tools_deny.clone(),
+            permissions: c.permissions,
         }
     }
 }

@@ -54,6 +54,7 @@ impl Engine {
         };
         let l = Listener { conn, stream: req.stream, include_usage: req.include_usage(), completion };
         self.sessions.get_mut(&key).expect("session").tools = self.offered_tools(req);
+        let Some(l) = self.continue_with_verdict(now, &key, req, l) else { return Ok(()) };
         let Some(l) = self.continue_with_tool_result(now, &key, req, l) else { return Ok(()) };
         let Err(l) = self.attach(now, &key, fingerprint, l) else { return Ok(()) };
         if let Some(text) = self.sessions[&key].recent_answer(fingerprint, now).map(String::from) {

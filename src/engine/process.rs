@@ -279,7 +279,12 @@ impl Engine {
             FromChannel::Hello { .. } => unreachable!("handled above"),
             FromChannel::Ready => self.on_ready(now, id),
             FromChannel::Reply { chat_id, text } => self.on_reply(now, &key, &chat_id, text),
-            FromChannel::ToolCall { call_ref, name, arguments } => self.on_tool_call(&key, call_ref, name, arguments),
+            FromChannel::ToolCall { call_ref, name, arguments } => {
+                self.on_tool_call(now, &key, call_ref, name, arguments)
+            }
+            FromChannel::PermissionRequest { request_id, tool_name, description, input_preview } => {
+                self.on_permission_request(now, &key, request_id, &tool_name, &description, &input_preview)
+            }
             FromChannel::Heartbeat => {}
         }
     }

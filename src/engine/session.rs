@@ -122,7 +122,7 @@ impl Engine {
         turn.listeners.push(l);
         turn.orphan_deadline = None;
         turn.keepalive_at = self.next_keepalive(now, turn);
-        self.ask_next_call(turn);
+        self.ask_next(now, turn);
     }
 
     /// Deliver the next queued turn if the session's process is ready and free.
@@ -263,7 +263,8 @@ impl Engine {
             turn.listeners.retain(|l| l.conn != conn);
         }
         session.queue.retain(|t| !t.listeners.is_empty());
-        if let Some(turn) = session.current.as_mut().filter(|t| t.listeners.is_empty() && t.asked.is_none()) {
+        let waiting_for_client = |t: &Turn| t.asked.is_some() || t.asked_permission.is_some();
+        if let Some(turn) = session.current.as_mut().filter(|t| t.listeners.is_empty() && !waiting_for_client(t)) {
             log::info!("session {key}: the client of {} left", turn.chat_id);
             turn.orphan_deadline = Some(now + grace);
             turn.keepalive_at = None;

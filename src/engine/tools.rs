@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::turn::{Listener, PendingCall, Turn};
+use super::turn::{Answer, Listener, PendingCall, Turn};
 use super::{Engine, Output, ProcId};
 use crate::wire::bridge::{ToChannel, ToolDef};
 use crate::wire::openai::{ChatRequest, ToolCall};
@@ -43,7 +43,7 @@ impl Engine {
     }
 
     /// Claude called a client tool during the turn in flight.
-    pub(super) fn on_tool_call(&mut self, key: &str, call_ref: String, name: String, arguments: Value) {
+    pub(super) fn on_tool_call(&mut self, now: Instant, key: &str, call_ref: String, name: String, arguments: Value) {
         let id = format!("call_{}", self.ids.token());
         let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.as_mut()) else {
             log::warn!("session {key}: tool call {name} outside a turn");
@@ -52,13 +52,24 @@ impl Engine {
         log::info!("session {key}: Claude calls client tool {name} as {id}");
         turn.calls.push_back(PendingCall { call: ToolCall { id, name, arguments: arguments.to_string() }, call_ref });
         let mut turn = self.sessions.get_mut(key).and_then(|s| s.current.take()).expect("turn");
-        self.ask_next_call(&mut turn);
+        self.ask_next(now, &mut turn);
         self.sessions.get_mut(key).expect("session").current = Some(turn);
     }
 
-    /// Hand the next tool call to the clients waiting for the turn, if nothing is asked yet.
-    pub(super) fn ask_next_call(&mut self, turn: &mut Turn) {
-        if turn.asked.is_some() || turn.listeners.is_empty() {
+    /// Hand the next question (permission or tool call) to the clients waiting for the turn,
+    /// if none is open: it ends their response, and the answer comes with the next request.
+    pub(super) fn ask_next(&mut self, now: Instant, turn: &mut Turn) {
+        if turn.asked.is_some() || turn.asked_permission.is_some() || turn.listeners.is_empty() {
+            return;
+        }
+        if let Some((id, text)) = turn.permissions.pop_front() {
+            let sep = if turn.replies.is_empty() { "" } else { "\n\n" };
+            self.stream_text(now, turn, &format!("{sep}{text}"));
+            turn.replies.push(text);
+            let all = turn.replies.join("\n\n");
+            self.answer(turn, &Answer::Text(all));
+            turn.replies.clear();
+            turn.asked_permission = Some(id);
             return;
         }
         let Some(next) = turn.calls.pop_front() else { return };

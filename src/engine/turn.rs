@@ -43,6 +43,10 @@ pub struct Turn {
     pub asked: Option<PendingCall>,
     /// Further tool calls Claude made meanwhile, to hand out one per response.
     pub calls: VecDeque<PendingCall>,
+    /// Permission question shown to the client, whose verdict the next request must carry.
+    pub asked_permission: Option<String>,
+    /// Permission questions not shown yet: (request id, text for the user).
+    pub permissions: VecDeque<(String, String)>,
 }
 
 impl Turn {
@@ -58,6 +62,8 @@ impl Turn {
             keepalive_at: None,
             asked: None,
             calls: VecDeque::new(),
+            asked_permission: None,
+            permissions: VecDeque::new(),
         }
     }
 

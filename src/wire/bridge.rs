@@ -2,8 +2,9 @@
 //! JSON text frames over one WebSocket per claude process, each with a `type`.
 //!
 //! channel → daemon: `hello` (at start, binds the socket), `ready` (claude has registered the
-//! channel), `reply`, `tool_call`, `heartbeat`. daemon → channel: `tools` (the catalog, sent
-//! right after `hello` and whenever it changes), `deliver`, `tool_result`.
+//! channel), `reply`, `tool_call`, `permission_request`, `heartbeat`. daemon → channel: `tools`
+//! (the catalog, sent right after `hello` and whenever it changes), `deliver`, `tool_result`,
+//! `permission`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -40,6 +41,13 @@ pub enum FromChannel {
         name: String,
         arguments: Value,
     },
+    /// Claude asks whether it may use a tool (the channel's permission capability).
+    PermissionRequest {
+        request_id: String,
+        tool_name: String,
+        description: String,
+        input_preview: String,
+    },
     Heartbeat,
 }
 
@@ -60,4 +68,6 @@ pub enum ToChannel {
     Tools { tools: Vec<ToolDef> },
     /// The client's result for a `tool_call`.
     ToolResult { call_ref: String, content: String, is_error: bool },
+    /// The verdict on a permission request: `allow` or `deny`.
+    Permission { request_id: String, behavior: String },
 }

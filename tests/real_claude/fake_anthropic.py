@@ -9,6 +9,7 @@ assistant messages after it, so multi-step scripts continue across tool results:
   #reply2    step 0: reply "part 1"   step 1: reply "part 2"   then: text "done"
   #slowN     wait N seconds before answering (an interrupted claude hangs up meanwhile)
   #err400    HTTP 400 invalid_request_error (claude gives up: StopFailure)
+  #bash      step 0: Bash "touch made-by-bash && echo bash-ran" (needs permission)   step 1: reply "echo: bash said: <output>"
   #tool      step 0: call the client tool mcp__synthesis__ls {"path": "."}
              step 1: reply "echo: tool result: <the tool's result text>"   then: text "done"
 Requests without a channel tag (titles, probes) get a short text answer.
@@ -69,6 +70,15 @@ def script(body):
                 "input": {"chat_id": chat_id, "text": text}}
 
     done = ([{"type": "text", "text": "done"}], "end_turn", dirs)
+    if "bash" in dirs and step == 0:
+        call = {"type": "tool_use", "id": next_id("toolu"), "name": "Bash",
+                "input": {"command": "touch made-by-bash && echo bash-ran", "description": "make a file"}}
+        return [call], "tool_use", dirs
+    if "bash" in dirs and step == 1:
+        result = next((t for t in map(tool_result_text, reversed(msgs)) if t is not None), "")
+        return [reply(f"echo: bash said: {result.strip()}")], "tool_use", dirs
+    if "bash" in dirs:
+        return done
     if "tool" in dirs and step == 0:
         call = {"type": "tool_use", "id": next_id("toolu"), "name": "mcp__synthesis__ls", "input": {"path": "."}}
         return [call], "tool_use", dirs

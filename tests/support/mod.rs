@@ -31,6 +31,7 @@ pub fn settings() -> Settings {
         retry_grace: Duration::from_secs(10),
         tools_allow: vec!["*".into()],
         tools_deny: Vec::new(),
+        permissions: synthesis::engine::Permissions::Relay,
     }
 }
 
