@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use super::turn::Listener;
 use super::Engine;
-use super::Output;
 use crate::wire::bridge::ToChannel;
 use crate::wire::openai::ChatRequest;
 
@@ -32,18 +31,20 @@ impl Engine {
             Permissions::Allow => "allow",
             Permissions::Deny => "deny",
             Permissions::Relay => {
-                let Some(mut turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else {
-                    log::warn!("session {key}: permission request {request_id} outside a turn: denied");
-                    return self.verdict(key, request_id, "deny");
-                };
-                log::info!("session {key}: relaying permission request {request_id} for {tool}");
                 let text = format!(
                     "Claude wants to use {tool}: {description}\n{preview}\n— reply `yes {request_id}` to allow or `no {request_id}` to deny."
                 );
-                turn.permissions.push_back((request_id, text));
-                self.ask_next(now, &mut turn);
-                self.sessions.get_mut(key).expect("session").current = Some(turn);
-                return;
+                let id = request_id.clone();
+                let relayed = self.with_current(key, |engine, turn| {
+                    turn.permissions.push_back((id, text));
+                    engine.ask_next(now, turn);
+                });
+                if relayed.is_some() {
+                    log::info!("session {key}: relaying permission request {request_id} for {tool}");
+                    return;
+                }
+                log::warn!("session {key}: permission request {request_id} outside a turn");
+                "deny"
             }
         };
         log::info!("session {key}: permission request {request_id} for {tool}: {behavior} (permissions setting)");
@@ -51,11 +52,7 @@ impl Engine {
     }
 
     fn verdict(&mut self, key: &str, request_id: String, behavior: &str) {
-        let bridge =
-            self.sessions.get(key).and_then(|s| s.proc).and_then(|p| self.procs.get(&p)).and_then(|p| p.bridge);
-        if let Some(conn) = bridge {
-            self.push(Output::Bridge { conn, frame: ToChannel::Permission { request_id, behavior: behavior.into() } });
-        }
+        self.send_to_channel(key, ToChannel::Permission { request_id, behavior: behavior.into() });
     }
 
     /// If the turn in flight waits for a permission verdict and `req` carries `yes <id>` or
@@ -89,10 +86,10 @@ impl Engine {
         };
         log::info!("session {key}: permission {id}: {behavior} by the user");
         self.verdict(key, id, behavior);
-        let mut turn = self.sessions.get_mut(key)?.current.take()?;
-        turn.asked_permission = None;
-        self.listen(now, key, &mut turn, l);
-        self.sessions.get_mut(key)?.current = Some(turn);
+        self.with_current(key, |engine, turn| {
+            turn.asked_permission = None;
+            engine.listen(now, key, turn, l);
+        });
         None
     }
 }

@@ -148,19 +148,37 @@ impl Engine {
         }
     }
 
+    /// Run `f` on the session's turn in flight, lent out of the session so that `f` can use the
+    /// whole engine. `None` when no turn is in flight.
+    pub(super) fn with_current<R>(&mut self, key: &str, f: impl FnOnce(&mut Engine, &mut Turn) -> R) -> Option<R> {
+        let mut turn = self.sessions.get_mut(key)?.current.take()?;
+        let result = f(self, &mut turn);
+        self.sessions.get_mut(key).expect("session").current = Some(turn);
+        Some(result)
+    }
+
+    /// Send a frame to the channel of the session's process, if it is connected.
+    pub(super) fn send_to_channel(&mut self, key: &str, frame: ToChannel) {
+        let bridge =
+            self.sessions.get(key).and_then(|s| s.proc).and_then(|p| self.procs.get(&p)).and_then(|p| p.bridge);
+        if let Some(conn) = bridge {
+            self.push(Output::Bridge { conn, frame });
+        }
+    }
+
     /// A `reply` tool call arrived for the session's turn in flight.
     pub(super) fn on_reply(&mut self, now: Instant, key: &str, chat_id: &str, text: String) {
-        let Some(mut turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else {
+        let replied = self.with_current(key, |engine, turn| {
+            if turn.chat_id != chat_id {
+                log::warn!("session {key}: reply names {chat_id}, turn is {}; attributed to the turn", turn.chat_id);
+            }
+            let sep = if turn.replies.is_empty() { "" } else { "\n\n" };
+            engine.stream_text(now, turn, &format!("{sep}{text}"));
+            turn.replies.push(text);
+        });
+        if replied.is_none() {
             log::warn!("session {key}: reply for {chat_id} outside a turn, dropped");
-            return;
-        };
-        if turn.chat_id != chat_id {
-            log::warn!("session {key}: reply names {chat_id}, turn is {}; attributed to the turn", turn.chat_id);
         }
-        let sep = if turn.replies.is_empty() { "" } else { "\n\n" };
-        self.stream_text(now, &mut turn, &format!("{sep}{text}"));
-        turn.replies.push(text);
-        self.sessions.get_mut(key).expect("session").current = Some(turn);
     }
 
     /// End the turn in flight with `answer` and move on to the next one.

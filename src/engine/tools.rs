@@ -45,15 +45,15 @@ impl Engine {
     /// Claude called a client tool during the turn in flight.
     pub(super) fn on_tool_call(&mut self, now: Instant, key: &str, call_ref: String, name: String, arguments: Value) {
         let id = format!("call_{}", self.ids.token());
-        let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.as_mut()) else {
-            log::warn!("session {key}: tool call {name} outside a turn");
-            return;
-        };
         log::info!("session {key}: Claude calls client tool {name} as {id}");
-        turn.calls.push_back(PendingCall { call: ToolCall { id, name, arguments: arguments.to_string() }, call_ref });
-        let mut turn = self.sessions.get_mut(key).and_then(|s| s.current.take()).expect("turn");
-        self.ask_next(now, &mut turn);
-        self.sessions.get_mut(key).expect("session").current = Some(turn);
+        let call = PendingCall { call: ToolCall { id, name, arguments: arguments.to_string() }, call_ref };
+        let queued = self.with_current(key, |engine, turn| {
+            turn.calls.push_back(call);
+            engine.ask_next(now, turn);
+        });
+        if queued.is_none() {
+            log::warn!("session {key}: tool call outside a turn, ignored");
+        }
     }
 
     /// Hand the next question (permission or tool call) to the clients waiting for the turn,
@@ -87,10 +87,9 @@ impl Engine {
         req: &ChatRequest,
         l: Listener,
     ) -> Option<Listener> {
-        let session = self.sessions.get_mut(key)?;
-        let Some(turn) = session.current.as_mut().filter(|t| t.asked.is_some()) else { return Some(l) };
+        let turn = self.sessions.get_mut(key)?.current.as_mut().filter(|t| t.asked.is_some());
+        let Some(turn) = turn else { return Some(l) };
         let asked = turn.asked.take().expect("asked");
-        let bridge = session.proc.and_then(|p| self.procs.get(&p)).and_then(|p| p.bridge);
         let result = req
             .messages
             .iter()
@@ -102,20 +101,15 @@ impl Engine {
             log::warn!("session {key}: the client did not return results for {} tool call(s)", abandoned.len());
             for call in abandoned {
                 let content = "The user did not run this tool.".to_string();
-                let frame = ToChannel::ToolResult { call_ref: call.call_ref, content, is_error: true };
-                if let Some(conn) = bridge {
-                    self.push(Output::Bridge { conn, frame });
-                }
+                self.send_to_channel(key, ToChannel::ToolResult { call_ref: call.call_ref, content, is_error: true });
             }
             return Some(l);
         };
-        let frame = ToChannel::ToolResult { call_ref: asked.call_ref, content: result.text(), is_error: false };
-        if let Some(conn) = bridge {
-            self.push(Output::Bridge { conn, frame });
-        }
-        let mut turn = self.sessions.get_mut(key)?.current.take().expect("turn");
-        self.listen(now, key, &mut turn, l);
-        self.sessions.get_mut(key)?.current = Some(turn);
+        self.send_to_channel(
+            key,
+            ToChannel::ToolResult { call_ref: asked.call_ref, content: result.text(), is_error: false },
+        );
+        self.with_current(key, |engine, turn| engine.listen(now, key, turn, l));
         None
     }
 }
