@@ -76,7 +76,7 @@ impl Real {
     fn restart_daemon(&mut self, dir: PathBuf) {
         let env = self.api.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.daemon = Some(Daemon::launch(dir, &self.claude, "", &env));
+        self.daemon = Some(Daemon::launch(dir, &self.claude, "retry_grace = 1s", &env));
     }
 
     fn d(&self) -> &Daemon {
@@ -300,4 +300,21 @@ fn a_permission_prompt_is_relayed_to_the_user_and_allowed() {
     let id = asked.split("`yes ").nth(1).and_then(|s| s.split('`').next()).expect("request id").to_string();
     let done = content(&real.d().client().chat("a", &format!("yes {id}"), false));
     assert_eq!(done, "echo: bash said: bash-ran");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn a_captured_openclaw_turn_with_its_48_kb_system_prompt_goes_through() {
+    let real = Real::start("capture");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openclaw/gateway-http-alice-turn-one.json");
+    let capture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut body = capture["body"].clone();
+    body["stream"] = json!(false);
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [("authorization", auth.as_str()), ("x-session-affinity", "alice:0")];
+    let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &body.to_string());
+    let answer = content(&r);
+    assert!(answer.starts_with("echo: <system_prompt from=\"client\">"), "{}", &answer[..answer.len().min(200)]);
+    assert!(answer.contains("http alice turn one"));
+    assert!(answer.len() > 40_000, "the whole system prompt reached Claude ({} bytes)", answer.len());
 }
