@@ -102,6 +102,7 @@ fn sigkill_of_synthesis_takes_its_claudes_along() {
 #[test]
 fn crash_mid_turn_is_a_502_with_the_terminal_tail_and_the_next_turn_works() {
     let d = Daemon::start("crash", "", &[]);
+    assert_eq!(d.client().chat("a", "warm up", false).status, 200);
     let t = Instant::now();
     let r = d.client().chat("a", "crash", false);
     assert_eq!(r.status, 502, "{}", r.body);
@@ -111,7 +112,6 @@ fn crash_mid_turn_is_a_502_with_the_terminal_tail_and_the_next_turn_works() {
     let r = d.client().chat("a", "are you back", false);
     assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: are you back");
     assert_eq!(d.claude_pids().len(), 2);
-    assert!(d.log_lines("claude_args").is_empty());
 }
 
 #[test]
