@@ -565,7 +565,7 @@ fn status_lists_sessions_and_processes() {
     let sess = &report.sessions[0];
     assert_eq!((sess.turn_in_flight, sess.queued, sess.turns, sess.process), (true, 1, 2, Some(1)));
     let p = &report.processes[0];
-    assert_eq!((p.pid, p.state.as_str(), p.turns), (Some(7), "ready", 1));
+    assert_eq!((p.pid, p.state.as_str(), p.turns, p.idle_secs), (Some(7), "ready", 1, 0), "busy is not idle");
     assert_eq!(response(&s.input(http(13, request("GET", "/status", &[], "")))[0]).1, 401);
 }
 

@@ -73,7 +73,11 @@ impl Engine {
             })
             .collect();
         sessions.sort_by(|a, b| a.key.cmp(&b.key));
+        let busy = |p: &ProcessStatus| self.sessions.get(&p.session).is_some_and(|s| !s.is_idle());
         let mut processes: Vec<ProcessStatus> = self.procs.iter().map(|(id, p)| p.status(*id, now)).collect();
+        for p in processes.iter_mut().filter(|p| busy(p)) {
+            p.idle_secs = 0; // a turn is in flight or queued
+        }
         processes.sort_by_key(|p| p.id);
         StatusReport { shutting_down: self.shutting_down(), sessions, processes }
     }
