@@ -28,6 +28,7 @@ pub struct Config {
     pub tools_allow: Vec<String>,
     pub tools_deny: Vec<String>,
     pub permissions: crate::engine::Permissions,
+    pub trace_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -54,6 +55,7 @@ impl Default for Config {
             tools_allow: vec!["*".into()],
             tools_deny: Vec::new(),
             permissions: crate::engine::Permissions::Relay,
+            trace_file: None,
         }
     }
 }
@@ -135,6 +137,7 @@ impl Config {
             "retry_grace" => self.retry_grace = duration(key, value)?,
             "tools_allow" => self.tools_allow = names(value),
             "tools_deny" => self.tools_deny = names(value),
+            "trace_file" => self.trace_file = (!value.is_empty()).then(|| PathBuf::from(value)),
             "permissions" => {
                 use crate::engine::Permissions;
                 self.permissions = match value {

@@ -7,4 +7,5 @@ pub mod engine;
 pub mod openclaw_config;
 pub mod persist;
 pub mod shell;
+pub mod trace;
 pub mod wire;

@@ -307,3 +307,40 @@ fn a_permission_request_round_trip_through_the_user() {
     assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: permission allow");
     assert_eq!(d.delivered().len(), 1, "the verdict is not a message");
 }
+
+#[test]
+fn a_recorded_trace_replays_to_the_same_outputs() {
+    let dir_name = "trace";
+    let mut d = Daemon::start(
+        dir_name,
+        &format!("trace_file = {}/trace-{dir_name}.jsonl", std::env::temp_dir().display()),
+        &[],
+    );
+    assert_eq!(d.client().chat("a", "first", false).status, 200);
+    assert_eq!(d.client().chat("a", "second", true).status, 200);
+    assert_eq!(d.client().chat("b", "other session", false).status, 200);
+    assert_eq!(
+        d.client()
+            .request("POST", "/v1/chat/completions", &[("authorization", &format!("Bearer {API_KEY}"))], "{")
+            .status,
+        400
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(), Some(0));
+    let path = std::env::temp_dir().join(format!("trace-{dir_name}.jsonl"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(!text.contains(API_KEY), "the API key is never written");
+    let records = synthesis::trace::parse(&text).unwrap();
+    let conf = std::fs::read_to_string(d.dir.join("synthesis.conf")).unwrap();
+    let mut config = synthesis::config::Config::parse(&conf, |_| None).unwrap();
+    config.api_key = None;
+    let recorded = synthesis::trace::recorded_outputs(&records);
+    assert!(recorded.iter().filter(|o| matches!(o, synthesis::engine::Output::Spawn { .. })).count() == 2);
+    assert_eq!(recorded.last(), Some(&synthesis::engine::Output::Exit));
+    let replayed = synthesis::trace::replay(synthesis::engine::Settings::from_config(&config), &records);
+    for (i, (a, b)) in replayed.iter().zip(&recorded).enumerate() {
+        assert_eq!(a, b, "output {i} differs");
+    }
+    assert_eq!(replayed.len(), recorded.len());
+}

@@ -17,7 +17,7 @@ mod tools;
 mod turn;
 pub use turn::error_response;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -275,8 +275,9 @@ impl Settings {
 pub struct Engine {
     settings: Settings,
     ids: Box<dyn Ids>,
-    sessions: HashMap<String, Session>,
-    procs: HashMap<ProcId, Process>,
+    // Ordered maps: iteration order decides output order, and replay must reproduce it.
+    sessions: BTreeMap<String, Session>,
+    procs: BTreeMap<ProcId, Process>,
     next_proc: ProcId,
     /// Client connection → key of the session whose turn it waits for.
     waiting: HashMap<ConnId, String>,
@@ -297,8 +298,8 @@ impl Engine {
             next_sweep: now + settings.idle_sweep,
             settings,
             ids,
-            sessions: HashMap::new(),
-            procs: HashMap::new(),
+            sessions: BTreeMap::new(),
+            procs: BTreeMap::new(),
             next_proc: 1,
             waiting: HashMap::new(),
             bridges: HashMap::new(),

@@ -4,11 +4,13 @@
 mod conn;
 pub mod spawn;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpListener;
@@ -18,7 +20,8 @@ use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::Config;
-use crate::engine::{Engine, Input, Output, ProcId, RandomIds, Settings, Signal};
+use crate::engine::{Engine, Ids, Input, Output, ProcId, RandomIds, Settings, Signal};
+use crate::trace::{Record, Trace, TracedIds};
 use conn::{BridgeConn, BridgeEvent, HttpConn, HttpEvent};
 use spawn::{home, Launch};
 
@@ -50,6 +53,8 @@ struct Shell {
     self_exe: PathBuf,
     workspace: PathBuf,
     addr: SocketAddr,
+    /// The opt-in JSONL trace (`trace_file`).
+    trace: Option<Rc<RefCell<Trace>>>,
     /// Tokens to forget at the end of the event batch (a freed token can still have events in it).
     dead: Vec<Token>,
     exit: bool,
@@ -82,7 +87,19 @@ impl Shell {
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGCHLD])?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let mut engine = Engine::new(Settings::from_config(&config), Box::new(RandomIds), Instant::now());
+        let start = Instant::now();
+        let trace = match &config.trace_file {
+            Some(path) => Some(with_context(
+                format!("trace_file {}", path.display()),
+                Trace::open(path, start, config.api_key.clone()),
+            )?),
+            None => None,
+        };
+        let ids: Box<dyn Ids> = match &trace {
+            Some(t) => Box::new(TracedIds(t.clone())),
+            None => Box::new(RandomIds),
+        };
+        let mut engine = Engine::new(Settings::from_config(&config), ids, start);
         let unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let known = crate::persist::load(&config.state_dir, unix_secs);
         log::info!("{} known sessions in {}", known.len(), crate::persist::path(&config.state_dir).display());
@@ -100,6 +117,7 @@ impl Shell {
             self_exe,
             workspace,
             addr,
+            trace,
             dead: Vec::new(),
             exit: false,
         })
@@ -134,8 +152,15 @@ impl Shell {
 
     /// Hand one input to the engine and carry out everything it asks for.
     fn feed(&mut self, input: Input) {
-        self.engine.handle(Instant::now(), input);
+        let now = Instant::now();
+        if let Some(t) = &self.trace {
+            t.borrow_mut().input(now, &input);
+        }
+        self.engine.handle(now, input);
         while let Some(out) = self.engine.poll_output() {
+            if let Some(t) = &self.trace {
+                t.borrow_mut().write(&Record::Output { output: out.clone() });
+            }
             self.execute(out);
         }
     }
