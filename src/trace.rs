@@ -18,6 +18,10 @@ use crate::engine::{Engine, Ids, Input, Output, RandomIds, Settings};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Record {
+    /// The session map the engine started with.
+    Restore {
+        sessions: Vec<crate::engine::SessionRecord>,
+    },
     /// `t_ns`: nanoseconds since the engine started, so replay reproduces every deadline exactly.
     Input {
         t_ns: u64,
@@ -105,9 +109,13 @@ pub fn replay(settings: Settings, records: &[Record]) -> Vec<Output> {
     let mut engine = Engine::new(settings, Box::new(ReplayIds(ids.collect())), start);
     let mut outputs = Vec::new();
     for r in records {
-        if let Record::Input { t_ns, input } = r {
-            engine.handle(start + Duration::from_nanos(*t_ns), input.clone());
-            outputs.extend(std::iter::from_fn(|| engine.poll_output()));
+        match r {
+            Record::Restore { sessions } => engine.restore(sessions.clone()),
+            Record::Input { t_ns, input } => {
+                engine.handle(start + Duration::from_nanos(*t_ns), input.clone());
+                outputs.extend(std::iter::from_fn(|| engine.poll_output()));
+            }
+            Record::Id { .. } | Record::Output { .. } => {}
         }
     }
     outputs

@@ -308,17 +308,12 @@ fn a_permission_request_round_trip_through_the_user() {
     assert_eq!(d.delivered().len(), 1, "the verdict is not a message");
 }
 
-#[test]
-fn a_recorded_trace_replays_to_the_same_outputs() {
-    let dir_name = "trace";
-    let mut d = Daemon::start(
-        dir_name,
-        &format!("trace_file = {}/trace-{dir_name}.jsonl", std::env::temp_dir().display()),
-        &[],
-    );
-    assert_eq!(d.client().chat("a", "first", false).status, 200);
-    assert_eq!(d.client().chat("a", "second", true).status, 200);
-    assert_eq!(d.client().chat("b", "other session", false).status, 200);
+/// Run `turns` on a daemon in `dir` with a trace; returns the trace's records.
+fn traced_run(d: Daemon, turns: &[(&str, &str)]) -> (Daemon, Vec<synthesis::trace::Record>) {
+    let mut d = d;
+    for (key, text) in turns {
+        assert_eq!(d.client().chat(key, text, false).status, 200);
+    }
     assert_eq!(
         d.client()
             .request("POST", "/v1/chat/completions", &[("authorization", &format!("Bearer {API_KEY}"))], "{")
@@ -327,20 +322,51 @@ fn a_recorded_trace_replays_to_the_same_outputs() {
     );
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit(), Some(0));
-    let path = std::env::temp_dir().join(format!("trace-{dir_name}.jsonl"));
+    let path = d.dir.join("trace.jsonl");
     let text = std::fs::read_to_string(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
+    std::fs::remove_file(&path).unwrap();
     assert!(!text.contains(API_KEY), "the API key is never written");
-    let records = synthesis::trace::parse(&text).unwrap();
+    (d, synthesis::trace::parse(&text).unwrap())
+}
+
+/// Replay a trace with the daemon's settings (no api_key: it was redacted) and compare.
+fn assert_replays(d: &Daemon, records: &[synthesis::trace::Record]) -> Vec<synthesis::engine::Output> {
     let conf = std::fs::read_to_string(d.dir.join("synthesis.conf")).unwrap();
     let mut config = synthesis::config::Config::parse(&conf, |_| None).unwrap();
     config.api_key = None;
-    let recorded = synthesis::trace::recorded_outputs(&records);
-    assert!(recorded.iter().filter(|o| matches!(o, synthesis::engine::Output::Spawn { .. })).count() == 2);
-    assert_eq!(recorded.last(), Some(&synthesis::engine::Output::Exit));
-    let replayed = synthesis::trace::replay(synthesis::engine::Settings::from_config(&config), &records);
+    let recorded = synthesis::trace::recorded_outputs(records);
+    let replayed = synthesis::trace::replay(synthesis::engine::Settings::from_config(&config), records);
     for (i, (a, b)) in replayed.iter().zip(&recorded).enumerate() {
         assert_eq!(a, b, "output {i} differs");
     }
     assert_eq!(replayed.len(), recorded.len());
+    assert_eq!(recorded.last(), Some(&synthesis::engine::Output::Exit));
+    recorded
+}
+
+fn spawned_uuids(outputs: &[synthesis::engine::Output]) -> Vec<String> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            synthesis::engine::Output::Spawn { spec, .. } => Some(spec.session_uuid.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_recorded_trace_replays_to_the_same_outputs() {
+    let d = Daemon::start("trace", "", &[]);
+    let dir = d.dir.clone();
+    drop(d);
+    let traced = format!("trace_file = {}", dir.join("trace.jsonl").display());
+    let turns = [("a", "first"), ("a", "second"), ("b", "other session")];
+    let (d, records) = traced_run(Daemon::start_in(dir.clone(), &traced, &[]), &turns);
+    let first = spawned_uuids(&assert_replays(&d, &records));
+    assert_eq!(first.len(), 2);
+    // A second run starts from the saved session map: the trace carries it, replay still matches.
+    drop(d);
+    let (d, records) = traced_run(Daemon::start_in(dir, &traced, &[]), &[("a", "after restart")]);
+    assert!(matches!(&records[0], synthesis::trace::Record::Restore { sessions } if sessions.len() == 2));
+    assert_eq!(spawned_uuids(&assert_replays(&d, &records)), first[..1], "session a resumed its Claude session");
 }

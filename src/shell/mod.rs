@@ -103,6 +103,9 @@ impl Shell {
         let unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let known = crate::persist::load(&config.state_dir, unix_secs);
         log::info!("{} known sessions in {}", known.len(), crate::persist::path(&config.state_dir).display());
+        if let Some(t) = &trace {
+            t.borrow_mut().write(&Record::Restore { sessions: known.clone() });
+        }
         engine.restore(known);
         log::info!("synthesis listening on http://{addr} (workspace {})", workspace.display());
         Ok(Shell {
