@@ -370,3 +370,20 @@ fn a_recorded_trace_replays_to_the_same_outputs() {
     assert!(matches!(&records[0], synthesis::trace::Record::Restore { sessions } if sessions.len() == 2));
     assert_eq!(spawned_uuids(&assert_replays(&d, &records)), first[..1], "session a resumed its Claude session");
 }
+
+#[test]
+fn accepting_resumes_after_running_out_of_file_descriptors() {
+    let d = Daemon::start("emfile", "", &[]);
+    let pid = d.child.id() as i32;
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    let limit = libc::rlimit { rlim_cur: open_fds + 3, rlim_max: open_fds + 3 };
+    assert_eq!(unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) }, 0);
+    // Three connections fit; the next ones wait in the listen backlog while accept fails.
+    let first: Vec<Client> = (0..3).map(|_| d.client()).collect();
+    let _idle: Vec<Client> = (0..2).map(|_| d.client()).collect();
+    let mut last = d.client();
+    last.send_raw(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+    d.wait_log("accept failed");
+    drop(first); // frees descriptors; no new connection will arrive to trigger an edge
+    assert_eq!(last.read_response().status, 200);
+}

@@ -27,6 +27,8 @@ use spawn::{home, Launch};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
+/// Pause before accepting again after EMFILE/ENFILE (sozu does the same).
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What a token stands for. Connection tokens double as the engine's `ConnId`s and are never reused.
 enum Source {
@@ -53,6 +55,8 @@ struct Shell {
     self_exe: PathBuf,
     workspace: PathBuf,
     addr: SocketAddr,
+    /// `accept` failed for lack of resources: try again after `ACCEPT_RETRY`.
+    accept_retry: bool,
     /// The opt-in JSONL trace (`trace_file`).
     trace: Option<Rc<RefCell<Trace>>>,
     /// Tokens to forget at the end of the event batch (a freed token can still have events in it).
@@ -120,6 +124,7 @@ impl Shell {
             self_exe,
             workspace,
             addr,
+            accept_retry: false,
             trace,
             dead: Vec::new(),
             exit: false,
@@ -129,7 +134,10 @@ impl Shell {
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(256);
         while !self.exit {
-            let timeout = self.engine.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()));
+            let mut timeout = self.engine.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()));
+            if self.accept_retry {
+                timeout = Some(timeout.map_or(ACCEPT_RETRY, |t| t.min(ACCEPT_RETRY)));
+            }
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {} // an empty wake-up
@@ -141,6 +149,9 @@ impl Shell {
                     SIGNALS => self.on_signals(),
                     token => self.on_ready(token),
                 }
+            }
+            if std::mem::take(&mut self.accept_retry) {
+                self.accept();
             }
             if self.engine.poll_timeout().is_some_and(|t| t <= Instant::now()) {
                 self.feed(Input::Tick);
@@ -265,8 +276,9 @@ impl Shell {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // EMFILE and friends: the edge will not repeat, so try again next loop turn.
-                    log::error!("accept failed: {e}");
+                    // EMFILE and friends: the edge will not repeat, so retry after a short pause.
+                    log::error!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+                    self.accept_retry = true;
                     return;
                 }
             }
