@@ -245,6 +245,11 @@ impl Fake {
 
     /// Remember a channel notification for the next turn (and log it).
     fn note(&mut self, v: Value) {
+        if v["method"] == "notifications/tools/list_changed" {
+            // Like claude: fetch the new list (its answer is not waited for).
+            self.send(json!({"jsonrpc": "2.0", "id": "relist", "method": "tools/list"}));
+            return;
+        }
         if v["method"] != "notifications/claude/channel" {
             return;
         }

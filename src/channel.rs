@@ -170,7 +170,11 @@ impl Channel {
                 self.held_list = Some(id.clone()); // answered when the catalog arrives
                 Ok(())
             }
-            "tools/list" => write_line(&self.tools_list(id)),
+            "tools/list" => {
+                write_line(&self.tools_list(id))?;
+                self.send(&FromChannel::ToolsListed);
+                Ok(())
+            }
             "tools/call" => self.call_tool(id, &params),
             "ping" => write_line(&mcp::response(id, json!({}))),
             // Includes `server/discover`, which must fail for Claude Code to go on to `initialize`.
@@ -240,6 +244,7 @@ impl Channel {
                 self.catalog = Some(tools);
                 if let Some(id) = self.held_list.take() {
                     write_line(&self.tools_list(&id))?;
+                    self.send(&FromChannel::ToolsListed);
                 } else if changed && self.initialized {
                     write_line(&mcp::notification("notifications/tools/list_changed", json!({})))?;
                 }

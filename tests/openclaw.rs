@@ -247,3 +247,25 @@ fn permissions_allow_answers_without_asking() {
     s.start_process(1, 7, 100, "t3");
     assert_eq!(s.input(permission_request("zzzzz")), vec![verdict("zzzzz", "allow")]);
 }
+
+#[test]
+fn a_changed_tool_catalog_reaches_claude_before_the_message() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "one", false));
+    s.start_process(1, 7, 100, "t3");
+    s.input(stop_hook(20, "t4", Some("ok")));
+    let ls = json!({"type": "function", "function": {"name": "ls", "description": "List", "parameters": {"type": "object"}}});
+    let body = json!({"messages": [{"role": "user", "content": "two"}], "tools": [ls]});
+    let headers = [("authorization", "Bearer key"), ("x-session-affinity", "a")];
+    let out = s.input(http(11, request("POST", "/v1/chat/completions", &headers, &body.to_string())));
+    assert!(matches!(&out[..], [Output::Bridge { frame: ToChannel::Tools { tools }, .. }] if tools[0].name == "ls"));
+    // The message waits until claude has re-listed the tools.
+    let listed = s.input(Input::BridgeFrame { conn: 100, frame: FromChannel::ToolsListed });
+    assert_eq!(delivered(&listed), ["two"]);
+    // Without a re-list, it goes after a short wait anyway.
+    s.input(stop_hook(20, "t4", Some("ok")));
+    let body = json!({"messages": [{"role": "user", "content": "three"}], "tools": []});
+    let out = s.input(http(12, request("POST", "/v1/chat/completions", &headers, &body.to_string())));
+    assert!(delivered(&out).is_empty());
+    assert_eq!(delivered(&s.advance(Duration::from_secs(1))), ["three"]);
+}

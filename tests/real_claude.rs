@@ -318,3 +318,25 @@ fn a_captured_openclaw_turn_with_its_48_kb_system_prompt_goes_through() {
     assert!(answer.contains("http alice turn one"));
     assert!(answer.len() > 40_000, "the whole system prompt reached Claude ({} bytes)", answer.len());
 }
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn a_tool_added_mid_session_reaches_claude() {
+    let real = Real::start("newtool");
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [("authorization", auth.as_str()), ("x-session-affinity", "t:0")];
+    let tool = |name: &str| {
+        json!({"type": "function", "function": {"name": name, "description": "a client tool",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}})
+    };
+    let first = json!({"messages": [{"role": "user", "content": "hello"}], "tools": [tool("ls")]});
+    let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &first.to_string());
+    assert_eq!(content(&r), "echo: hello");
+    // Turn two offers one more tool; Claude must be able to call it at once.
+    let second = json!({"messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "echo: hello"},
+        {"role": "user", "content": "#toolcat show it"}], "tools": [tool("ls"), tool("cat")]});
+    let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &second.to_string());
+    let call = &r.json()["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "cat", "{}", r.body);
+}

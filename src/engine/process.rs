@@ -53,6 +53,8 @@ pub struct Process {
     pub redeliver_at: Option<Instant>,
     /// Hash of the client-tool catalog the channel has.
     pub tools_sent: Option<u64>,
+    /// A changed catalog was sent: no delivery before claude re-listed tools, or this time.
+    pub tools_wait_until: Option<Instant>,
     /// Why synthesis is stopping it, for the turn that is cut short.
     stop_reason: Option<String>,
 }
@@ -61,14 +63,17 @@ impl Process {
     pub fn deadline(&self) -> Option<Instant> {
         match self.state {
             ProcState::Starting => self.confirm_at.into_iter().chain([self.ready_deadline]).min(),
-            ProcState::Ready => [self.settle_until, self.silent_at, self.redeliver_at].into_iter().flatten().min(),
+            ProcState::Ready => [self.settle_until, self.silent_at, self.redeliver_at, self.tools_wait_until]
+                .into_iter()
+                .flatten()
+                .min(),
             ProcState::Stopping => self.kill_at,
         }
     }
 
     /// The bridge to deliver a turn on, when the process can take one now.
     pub fn accepting_bridge(&self, now: Instant) -> Option<ConnId> {
-        let settled = self.settle_until.is_none_or(|t| now >= t);
+        let settled = [self.settle_until, self.tools_wait_until].into_iter().flatten().all(|t| now >= t);
         (self.state == ProcState::Ready && settled).then_some(self.bridge?)
     }
 
@@ -171,6 +176,7 @@ impl Engine {
             deliveries: 0,
             redeliver_at: None,
             tools_sent: None,
+            tools_wait_until: None,
             stop_reason: None,
         };
         self.procs.insert(id, proc);
@@ -284,6 +290,12 @@ impl Engine {
             }
             FromChannel::PermissionRequest { request_id, tool_name, description, input_preview } => {
                 self.on_permission_request(now, &key, request_id, &tool_name, &description, &input_preview)
+            }
+            FromChannel::ToolsListed => {
+                let p = self.procs.get_mut(&id).expect("bound process");
+                if p.tools_wait_until.take().is_some() {
+                    self.deliver_next(now, &key);
+                }
             }
             FromChannel::Heartbeat => {}
         }
@@ -445,8 +457,12 @@ impl Engine {
             self.redeliver(now, id);
         }
         let p = self.procs.get_mut(&id).expect("due process");
-        if due(p.settle_until) {
-            p.settle_until = None;
+        if due(p.tools_wait_until) {
+            log::warn!("session {key}: claude did not re-list tools after the catalog changed; delivering");
+        }
+        if due(p.settle_until) || due(p.tools_wait_until) {
+            p.settle_until = p.settle_until.filter(|t| now < *t);
+            p.tools_wait_until = p.tools_wait_until.filter(|t| now < *t);
             self.deliver_next(now, &key);
         }
     }

@@ -13,6 +13,8 @@ use crate::wire::openai::ApiError;
 /// How long a finished answer is kept for a retry of the identical request.
 const RECENT_TTL: Duration = Duration::from_secs(600);
 const RECENT_MAX: usize = 4;
+/// Longest wait for claude to re-list tools after the catalog changed.
+const TOOLS_WAIT: Duration = Duration::from_secs(1);
 
 pub struct Session {
     pub key: String,
@@ -133,12 +135,17 @@ impl Engine {
         }
         let Some(pid) = session.proc else { return };
         let Some(bridge) = self.procs.get(&pid).and_then(|p| p.accepting_bridge(now)) else { return };
+        if self.send_tools(key, pid) {
+            // Claude re-lists tools on `list_changed`; deliver once it has (or after a short wait).
+            self.procs.get_mut(&pid).expect("process").tools_wait_until = Some(now + TOOLS_WAIT);
+            return;
+        }
+        let session = self.sessions.get_mut(key).expect("session");
         let mut turn = session.queue.pop_front().expect("queue not empty");
         turn.deadline = Some(now + self.settings.turn_timeout);
         let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
         log::info!("session {key}: delivering {} to process {pid}", turn.chat_id);
         session.current = Some(turn);
-        self.send_tools(key, pid);
         self.push(Output::Bridge { conn: bridge, frame });
         let p = self.procs.get_mut(&pid).expect("process of the session");
         p.turns += 1;

@@ -30,16 +30,17 @@ impl Engine {
             .collect()
     }
 
-    /// Send the session's catalog to its process when the process has not seen it yet.
-    pub(super) fn send_tools(&mut self, key: &str, pid: ProcId) {
+    /// Send the session's catalog to its process when the process has not seen it yet; true if sent.
+    pub(super) fn send_tools(&mut self, key: &str, pid: ProcId) -> bool {
         let tools = self.sessions[key].tools.clone();
         let mut h = DefaultHasher::new();
         serde_json::to_string(&tools).expect("tools serialise").hash(&mut h);
         let hash = h.finish();
-        let Some(p) = self.procs.get_mut(&pid) else { return };
-        let Some(conn) = p.bridge.filter(|_| p.tools_sent != Some(hash)) else { return };
+        let Some(p) = self.procs.get_mut(&pid) else { return false };
+        let Some(conn) = p.bridge.filter(|_| p.tools_sent != Some(hash)) else { return false };
         p.tools_sent = Some(hash);
         self.push(Output::Bridge { conn, frame: ToChannel::Tools { tools } });
+        true
     }
 
     /// Claude called a client tool during the turn in flight.

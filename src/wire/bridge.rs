@@ -2,7 +2,7 @@
 //! JSON text frames over one WebSocket per claude process, each with a `type`.
 //!
 //! channel → daemon: `hello` (at start, binds the socket), `ready` (claude has registered the
-//! channel), `reply`, `tool_call`, `permission_request`, `heartbeat`. daemon → channel: `tools`
+//! channel), `reply`, `tool_call`, `tools_listed`, `permission_request`, `heartbeat`. daemon → channel: `tools`
 //! (the catalog, sent right after `hello` and whenever it changes), `deliver`, `tool_result`,
 //! `permission`.
 
@@ -41,6 +41,8 @@ pub enum FromChannel {
         name: String,
         arguments: Value,
     },
+    /// The channel answered claude's `tools/list` (after a catalog change, claude is up to date).
+    ToolsListed,
     /// Claude asks whether it may use a tool (the channel's permission capability).
     PermissionRequest {
         request_id: String,

@@ -37,7 +37,8 @@ pub fn initialize_result(client_version: Option<&str>) -> Value {
         "protocolVersion": negotiate(client_version),
         "capabilities": {
             "experimental": {"claude/channel": {}, "claude/channel/permission": {}},
-            "tools": {}
+            // Without `listChanged` claude ignores notifications/tools/list_changed.
+            "tools": {"listChanged": true}
         },
         "serverInfo": {"name": "synthesis", "version": env!("CARGO_PKG_VERSION")},
         "instructions": INSTRUCTIONS,

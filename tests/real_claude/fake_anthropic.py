@@ -11,6 +11,7 @@ assistant messages after it, so multi-step scripts continue across tool results:
   #err400    HTTP 400 invalid_request_error (claude gives up: StopFailure)
   #bash      step 0: Bash "touch made-by-bash && echo bash-ran" (needs permission)   step 1: reply "echo: bash said: <output>"
   #tool      step 0: call the client tool mcp__synthesis__ls {"path": "."}
+  #toolNAME  the same with the client tool mcp__synthesis__NAME
              step 1: reply "echo: tool result: <the tool's result text>"   then: text "done"
 Requests without a channel tag (titles, probes) get a short text answer.
 Every /v1/messages body is appended to LOGFILE as one JSON line.
@@ -79,13 +80,14 @@ def script(body):
         return [reply(f"echo: bash said: {result.strip()}")], "tool_use", dirs
     if "bash" in dirs:
         return done
-    if "tool" in dirs and step == 0:
-        call = {"type": "tool_use", "id": next_id("toolu"), "name": "mcp__synthesis__ls", "input": {"path": "."}}
+    tool = next((d[4:] or "ls" for d in dirs if d.startswith("tool")), None)
+    if tool and step == 0:
+        call = {"type": "tool_use", "id": next_id("toolu"), "name": f"mcp__synthesis__{tool}", "input": {"path": "."}}
         return [call], "tool_use", dirs
-    if "tool" in dirs and step == 1:
+    if tool and step == 1:
         result = next((t for t in map(tool_result_text, reversed(msgs)) if t is not None), "")
         return [reply(f"echo: tool result: {result}")], "tool_use", dirs
-    if "tool" in dirs:
+    if tool:
         return done
     if "plain" in dirs:
         return [{"type": "text", "text": f"PLAIN: {inner}"}], "end_turn", dirs
