@@ -84,7 +84,14 @@ mod tests {
     fn round_trip_with_private_mode() {
         use std::os::unix::fs::PermissionsExt;
         let d = dir("rt");
-        let recs = vec![SessionRecord { key: "k".into(), uuid: "u".into(), created: 1, last_used: 2, aliases: vec![] }];
+        let recs = vec![SessionRecord {
+            key: "k".into(),
+            uuid: "u".into(),
+            created: 1,
+            last_used: 2,
+            aliases: vec![],
+            system_hash: None,
+        }];
         save(&d, &recs).unwrap();
         assert_eq!(load(&d, 0), recs);
         assert_eq!(fs::metadata(path(&d)).unwrap().permissions().mode() & 0o777, 0o600);

@@ -269,3 +269,19 @@ fn a_changed_tool_catalog_reaches_claude_before_the_message() {
     assert!(delivered(&out).is_empty());
     assert_eq!(delivered(&s.advance(Duration::from_secs(1))), ["three"]);
 }
+
+#[test]
+fn after_a_restart_the_resumed_session_does_not_get_the_system_prompt_again() {
+    let mut s = Script::new(settings());
+    s.input(http(10, capture("gateway-http-alice-turn-one")));
+    s.start_process(1, 7, 100, "t3");
+    s.input(stop_hook(20, "t4", Some("hi alice")));
+    s.advance(Duration::from_secs(60)); // the sweep saves the map
+    let saved = s.saved.last().unwrap().clone();
+    assert!(saved[0].system_hash.is_some());
+    let mut restarted = Script::new(settings());
+    restarted.engine.restore(saved);
+    restarted.input(http(11, capture("gateway-http-alice-turn-two")));
+    let d = delivered(&restarted.start_process(1, 8, 101, "t2"));
+    assert!(d[0].starts_with("[Wed 2026-11-25 12:09 UTC] http alice turn two"), "{}", &d[0][..60]);
+}

@@ -500,6 +500,7 @@ fn a_new_session_is_saved_at_once_and_timestamps_at_the_next_sweep() {
         created: 1_790_000_000,
         last_used: 1_790_000_000,
         aliases: vec![],
+        system_hash: None,
     };
     assert_eq!(s.saved, vec![vec![record.clone()]], "saved before the process even starts");
     s.start_process(1, 7, 100, "t3");
@@ -513,8 +514,14 @@ fn a_new_session_is_saved_at_once_and_timestamps_at_the_next_sweep() {
 #[test]
 fn restored_sessions_resume_their_claude_session() {
     let mut s = Script::new(settings());
-    let record =
-        SessionRecord { key: "a".into(), uuid: "known-uuid".into(), created: 1, last_used: 2, aliases: vec![] };
+    let record = SessionRecord {
+        key: "a".into(),
+        uuid: "known-uuid".into(),
+        created: 1,
+        last_used: 2,
+        aliases: vec![],
+        system_hash: None,
+    };
     s.engine.restore(vec![record]);
     assert_eq!(s.input(chat(10, "a", "hi again", false)), vec![spawn_of(1, "known-uuid", "t2", "t3")]);
     assert!(s.saved.is_empty(), "a known session needs no immediate save");

@@ -153,6 +153,9 @@ pub struct SessionRecord {
     /// Later keys of the same conversation (`<id>:<N+1>` after a compaction).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// Hash of the client system prompt this Claude session has seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_hash: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

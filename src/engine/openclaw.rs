@@ -161,6 +161,7 @@ impl Engine {
         let hash = fingerprint(&system);
         if !system.is_empty() && session.system_hash != Some(hash) {
             session.system_hash = Some(hash);
+            self.sessions_dirty = true;
             parts.push(format!("<system_prompt from=\"client\">\n{system}\n</system_prompt>"));
         }
         let history = req.earlier_history();

@@ -68,6 +68,7 @@ impl Session {
         let mut s = Session::new(r.key, r.uuid, r.created);
         s.last_used = r.last_used;
         s.aliases = r.aliases;
+        s.system_hash = r.system_hash;
         s
     }
 
@@ -78,6 +79,7 @@ impl Session {
             created: self.created,
             last_used: self.last_used,
             aliases: self.aliases.clone(),
+            system_hash: self.system_hash,
         }
     }
 
