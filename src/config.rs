@@ -29,6 +29,7 @@ pub struct Config {
     pub tools_deny: Vec<String>,
     pub permissions: crate::engine::Permissions,
     pub trace_file: Option<PathBuf>,
+    pub http_idle_timeout: Duration,
 }
 
 impl Default for Config {
@@ -56,6 +57,7 @@ impl Default for Config {
             tools_deny: Vec::new(),
             permissions: crate::engine::Permissions::Relay,
             trace_file: None,
+            http_idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -137,6 +139,7 @@ impl Config {
             "retry_grace" => self.retry_grace = duration(key, value)?,
             "tools_allow" => self.tools_allow = names(value),
             "tools_deny" => self.tools_deny = names(value),
+            "http_idle_timeout" => self.http_idle_timeout = duration(key, value)?,
             "trace_file" => self.trace_file = (!value.is_empty()).then(|| PathBuf::from(value)),
             "permissions" => {
                 use crate::engine::Permissions;

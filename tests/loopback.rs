@@ -387,3 +387,16 @@ fn accepting_resumes_after_running_out_of_file_descriptors() {
     drop(first); // frees descriptors; no new connection will arrive to trigger an edge
     assert_eq!(last.read_response().status, 200);
 }
+
+#[test]
+fn idle_keep_alive_connections_are_closed_but_never_a_turn_in_progress() {
+    let d = Daemon::start("httpidle", "http_idle_timeout = 300ms", &[]);
+    let mut idle = d.client();
+    assert_eq!(idle.request("GET", "/healthz", &[], "").status, 200);
+    let t = Instant::now();
+    assert!(idle.closed(), "the server closed the idle connection");
+    assert!(t.elapsed() < DEADLINE);
+    // A turn longer than the idle timeout is answered on its connection.
+    let r = d.client().chat("a", "sleep 1", false);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: sleep 1");
+}

@@ -2,6 +2,7 @@
 //! upgrade on `/bridge`, the WebSocket of a channel.
 
 use std::io::{self, Read, Write};
+use std::time::Instant;
 
 use mio::net::TcpStream;
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
@@ -25,6 +26,8 @@ pub struct HttpConn {
     outbuf: Vec<u8>,
     /// A request was handed to the engine and its answer is not complete yet.
     busy: bool,
+    /// Last time a request arrived or an answer completed.
+    pub last_active: Instant,
     keep_alive: bool,
     /// Close once `outbuf` is written.
     closing: bool,
@@ -44,6 +47,7 @@ impl HttpConn {
             inbuf: Vec::new(),
             outbuf: Vec::new(),
             busy: false,
+            last_active: Instant::now(),
             keep_alive: true,
             closing: false,
             lingering: 0,
@@ -88,6 +92,7 @@ impl HttpConn {
                     return Some(HttpEvent::Upgrade(req, std::mem::take(&mut self.inbuf)));
                 }
                 self.busy = true;
+                self.last_active = Instant::now();
                 Some(HttpEvent::Request(req))
             }
             Err(e) => {
@@ -121,6 +126,7 @@ impl HttpConn {
 
     fn finish(&mut self) {
         self.busy = false;
+        self.last_active = Instant::now();
         if !self.keep_alive {
             self.closing = true;
         }
@@ -147,6 +153,11 @@ impl HttpConn {
             return !self.eof && self.lingering < LINGER_LIMIT;
         }
         !self.eof || self.busy
+    }
+
+    /// Idle between requests (nothing being answered or written) since before `cutoff`.
+    pub fn idle_since_before(&self, cutoff: Instant) -> bool {
+        !self.busy && self.outbuf.is_empty() && self.last_active < cutoff
     }
 
     pub fn into_websocket(self, rest: Vec<u8>, req: &Request) -> Option<BridgeConn> {

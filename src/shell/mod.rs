@@ -55,6 +55,8 @@ struct Shell {
     self_exe: PathBuf,
     workspace: PathBuf,
     addr: SocketAddr,
+    /// When to look for idle keep-alive connections.
+    next_idle_check: Instant,
     /// `accept` failed for lack of resources: try again after `ACCEPT_RETRY`.
     accept_retry: bool,
     /// The opt-in JSONL trace (`trace_file`).
@@ -125,6 +127,7 @@ impl Shell {
             workspace,
             addr,
             accept_retry: false,
+            next_idle_check: start,
             trace,
             dead: Vec::new(),
             exit: false,
@@ -138,6 +141,8 @@ impl Shell {
             if self.accept_retry {
                 timeout = Some(timeout.map_or(ACCEPT_RETRY, |t| t.min(ACCEPT_RETRY)));
             }
+            let idle_check = self.next_idle_check.saturating_duration_since(Instant::now());
+            timeout = Some(timeout.map_or(idle_check, |t| t.min(idle_check)));
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {} // an empty wake-up
@@ -152,6 +157,9 @@ impl Shell {
             }
             if std::mem::take(&mut self.accept_retry) {
                 self.accept();
+            }
+            if Instant::now() >= self.next_idle_check {
+                self.close_idle_connections();
             }
             if self.engine.poll_timeout().is_some_and(|t| t <= Instant::now()) {
                 self.feed(Input::Tick);
@@ -253,6 +261,24 @@ impl Shell {
         // An answer completed: a pipelined request may be waiting in the buffer.
         if let Some(ev) = c.next_request(self.config.max_body) {
             self.on_http_event(token, ev);
+        }
+    }
+
+    /// Keep-alive connections with no request for `http_idle_timeout` are closed (a turn being
+    /// answered is never cut: `turn_timeout` bounds those).
+    fn close_idle_connections(&mut self) {
+        let idle = self.config.http_idle_timeout;
+        let now = Instant::now();
+        self.next_idle_check = now + idle / 4;
+        let Some(cutoff) = now.checked_sub(idle) else { return };
+        let stale: Vec<Token> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| matches!(s, Source::Http(c) if c.idle_since_before(cutoff)))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in stale {
+            self.close(token);
         }
     }
 
