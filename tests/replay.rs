@@ -625,3 +625,30 @@ fn the_api_key_question_fails_fast_with_what_to_do() {
     let (_, status, body) = response(&out[1]);
     assert_eq!((status, body["error"]["code"].as_str()), (502, Some("api_key_not_approved")));
 }
+
+#[test]
+fn sessions_unused_for_30_days_are_forgotten_at_the_sweep() {
+    let mut s = Script::new(settings());
+    let day = 86_400;
+    let old = SessionRecord {
+        key: "old".into(),
+        uuid: "u-old".into(),
+        created: 0,
+        last_used: 1_790_000_000 - 31 * day,
+        aliases: vec![],
+        system_hash: None,
+    };
+    let recent = SessionRecord {
+        key: "recent".into(),
+        uuid: "u-new".into(),
+        created: 0,
+        last_used: 1_790_000_000 - 29 * day,
+        aliases: vec![],
+        system_hash: None,
+    };
+    s.engine.restore(vec![old, recent]);
+    s.input(chat(10, "a", "hi", false)); // tells the engine what time it is
+    s.advance(Duration::from_secs(60));
+    let keys: Vec<String> = s.saved.last().unwrap().iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys, ["a", "recent"]);
+}

@@ -27,6 +27,9 @@ use crate::wire::http::{Request, Response};
 use process::Process;
 use session::Session;
 
+/// Sessions unused this long are forgotten.
+const SESSION_RETENTION: Duration = Duration::from_secs(30 * 86400);
+
 /// A client or bridge connection, named by the shell.
 pub type ConnId = u64;
 /// A claude process, named by the engine.
@@ -292,6 +295,8 @@ pub struct Engine {
     shutdown: Shutdown,
     /// Session timestamps changed since the map was last saved.
     sessions_dirty: bool,
+    /// Newest wall-clock time seen (unix seconds, from requests): the engine has no clock.
+    unix_secs: u64,
     outputs: VecDeque<Output>,
 }
 
@@ -309,6 +314,7 @@ impl Engine {
             slot_waiters: VecDeque::new(),
             shutdown: Shutdown::Running,
             sessions_dirty: false,
+            unix_secs: 0,
             outputs: VecDeque::new(),
         }
     }
@@ -322,7 +328,10 @@ impl Engine {
 
     pub fn handle(&mut self, now: Instant, input: Input) {
         match input {
-            Input::Http { conn, request, unix_secs } => self.on_http(now, conn, request, unix_secs),
+            Input::Http { conn, request, unix_secs } => {
+                self.unix_secs = self.unix_secs.max(unix_secs);
+                self.on_http(now, conn, request, unix_secs)
+            }
             Input::ConnClosed { conn } => self.on_conn_closed(now, conn),
             Input::BridgeFrame { conn, frame } => self.on_bridge_frame(now, conn, frame),
             Input::BridgeClosed { conn } => self.on_bridge_closed(now, conn),
@@ -357,6 +366,7 @@ impl Engine {
         match self.shutdown {
             Shutdown::Running if now >= self.next_sweep => {
                 self.sweep_idle(now);
+                self.forget_old_sessions();
                 self.save_sessions_if_dirty();
                 self.next_sweep = now + self.settings.idle_sweep;
             }
@@ -396,6 +406,22 @@ impl Engine {
         if self.shutdown == Shutdown::Stopping && self.procs.is_empty() {
             self.save_sessions_if_dirty();
             self.push(Output::Exit);
+        }
+    }
+
+    /// Drop sessions unused for `SESSION_RETENTION` (Claude Code deletes transcripts after 30 days
+    /// by default, so there would be nothing left to resume), so the map does not grow forever.
+    fn forget_old_sessions(&mut self) {
+        let cutoff = self.unix_secs.saturating_sub(SESSION_RETENTION.as_secs());
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| s.proc.is_some() || !s.is_idle() || s.wants_slot || s.last_used >= cutoff);
+        if self.sessions.len() < before {
+            log::info!(
+                "forgot {} sessions unused for {} days",
+                before - self.sessions.len(),
+                SESSION_RETENTION.as_secs() / 86400
+            );
+            self.sessions_dirty = true;
         }
     }
 
