@@ -97,7 +97,7 @@ fn a_retried_identical_body_is_delivered_once_and_answered_twice() {
 fn the_tool_loop_from_request_to_tool_calls_to_result_to_final_reply() {
     let mut s = Script::new(settings());
     s.input(http(10, capture("toolloop-req1")));
-    s.input(Input::Spawned { proc: 1, pid: 7 });
+    s.input(Input::Spawned { proc: 1, pid: 7, resumed: false });
     // The channel gets OpenClaw's tools as soon as it says hello.
     let out = s.input(hello(100, "t3"));
     let Output::Bridge { frame: ToChannel::Tools { tools }, .. } = &out[0] else { panic!("{out:?}") };
@@ -282,6 +282,25 @@ fn after_a_restart_the_resumed_session_does_not_get_the_system_prompt_again() {
     let mut restarted = Script::new(settings());
     restarted.engine.restore(saved);
     restarted.input(http(11, capture("gateway-http-alice-turn-two")));
-    let d = delivered(&restarted.start_process(1, 8, 101, "t2"));
+    let d = delivered(&restarted.start_resumed_process(1, 8, 101, "t2"));
     assert!(d[0].starts_with("[Wed 2026-11-25 12:09 UTC] http alice turn two"), "{}", &d[0][..60]);
+}
+
+#[test]
+fn a_known_session_whose_transcript_is_gone_gets_its_context_again() {
+    let mut s = Script::new(settings());
+    let record = synthesis::engine::SessionRecord {
+        key: "148d6a7a-04b6-41f0-a713-2af935739448:0".into(),
+        uuid: "u-known".into(),
+        created: 1,
+        last_used: 2,
+        aliases: vec![],
+        system_hash: Some(12345),
+    };
+    s.engine.restore(vec![record]);
+    s.input(http(11, capture("gateway-http-alice-turn-two")));
+    // Spawned with --session-id: claude has nothing to resume, so it gets prompt and history.
+    let d = delivered(&s.start_process(1, 8, 101, "t2"));
+    assert!(d[0].starts_with("<system_prompt from=\"client\">"));
+    assert!(d[0].contains("<earlier_conversation>\n[user]: [Wed 2026-11-25 12:09 UTC] http alice turn one"));
 }

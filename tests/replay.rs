@@ -176,7 +176,7 @@ fn a_full_session_queue_answers_429_with_retry_after() {
 fn ready_timeout_kills_the_group_and_fails_with_the_terminal_tail() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", true));
-    s.input(Input::Spawned { proc: 1, pid: 99 });
+    s.input(Input::Spawned { proc: 1, pid: 99, resumed: false });
     s.input(Input::Terminal { proc: 1, text: "\x1b[1mLoading something\x1b[0m\r\nstill loading\r\n".into() });
     assert!(s.advance(Duration::from_millis(14_999)).is_empty());
     let out = s.advance(Duration::from_millis(1));
@@ -225,7 +225,7 @@ fn crash_mid_turn_with_a_queued_request_respawns_the_same_claude_session() {
 fn a_process_dying_before_ready_fails_the_queue_without_respawning() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", false));
-    s.input(Input::Spawned { proc: 1, pid: 7 });
+    s.input(Input::Spawned { proc: 1, pid: 7, resumed: false });
     s.input(Input::Terminal { proc: 1, text: "No conversation found with session ID x\r\n".into() });
     let out = s.input(Input::Exited { proc: 1, status: "exit status 1".into() });
     assert_eq!(out.len(), 1);
@@ -248,7 +248,7 @@ fn spawn_failure_is_a_502_naming_the_setting() {
 fn workspace_trust_screen_fails_fast_with_what_to_do() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", false));
-    s.input(Input::Spawned { proc: 1, pid: 7 });
+    s.input(Input::Spawned { proc: 1, pid: 7, resumed: false });
     let out = s.input(Input::Terminal {
         proc: 1,
         text:
@@ -395,7 +395,7 @@ fn shutdown_with_nothing_running_exits_at_once() {
 fn a_hello_with_a_wrong_token_is_closed_and_binds_nothing() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", false));
-    s.input(Input::Spawned { proc: 1, pid: 7 });
+    s.input(Input::Spawned { proc: 1, pid: 7, resumed: false });
     assert_eq!(s.input(hello(100, "t4")), vec![Output::CloseBridge { conn: 100 }], "hook token is not a bridge token");
     assert_eq!(s.input(hello(101, "t3")), vec![tools_frame(101, vec![])]);
     assert_eq!(s.input(hello(102, "t3")), vec![Output::CloseBridge { conn: 102 }], "one-time token");
@@ -551,7 +551,7 @@ fn trust_workspace_yes_accepts_the_trust_question() {
     st.trust_workspace = true;
     let mut s = Script::new(st);
     s.input(chat(10, "a", "hi", false));
-    s.input(Input::Spawned { proc: 1, pid: 7 });
+    s.input(Input::Spawned { proc: 1, pid: 7, resumed: false });
     let out = s.input(Input::Terminal {
         proc: 1,
         text: "Is this a project you trust?\r\n 1. Yes, I trust this folder\r\n".into(),
@@ -618,7 +618,7 @@ fn a_claude_that_never_takes_the_message_fails_the_turn_after_four_deliveries() 
 fn the_api_key_question_fails_fast_with_what_to_do() {
     let mut s = Script::new(settings());
     s.input(chat(10, "a", "hi", false));
-    s.input(Input::Spawned { proc: 1, pid: 7 });
+    s.input(Input::Spawned { proc: 1, pid: 7, resumed: false });
     let screen = " Detected a custom API key in your environment\r\n Do you want to use this API key?\r\n Yes\r\n ❯ No (recommended)\r\n";
     let out = s.input(Input::Terminal { proc: 1, text: screen.into() });
     assert_eq!(out[0], Output::Signal { proc: 1, signal: Signal::Term });

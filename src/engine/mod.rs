@@ -54,9 +54,11 @@ pub enum Input {
     BridgeClosed {
         conn: ConnId,
     },
+    /// `resumed`: claude was started with `--resume` (its transcript exists).
     Spawned {
         proc: ProcId,
         pid: u32,
+        resumed: bool,
     },
     SpawnFailed {
         proc: ProcId,
@@ -335,7 +337,7 @@ impl Engine {
             Input::ConnClosed { conn } => self.on_conn_closed(now, conn),
             Input::BridgeFrame { conn, frame } => self.on_bridge_frame(now, conn, frame),
             Input::BridgeClosed { conn } => self.on_bridge_closed(now, conn),
-            Input::Spawned { proc, pid } => self.on_spawned(proc, pid),
+            Input::Spawned { proc, pid, resumed } => self.on_spawned(proc, pid, resumed),
             Input::SpawnFailed { proc, error } => self.on_spawn_failed(now, proc, error),
             Input::Terminal { proc, text } => self.on_terminal(now, proc, &text),
             Input::Exited { proc, status } => self.on_exited(now, proc, &status),

@@ -6,7 +6,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Instant;
 
 use super::session::Session;
-use super::turn::{Answer, Listener, Turn};
+use super::turn::{Answer, Listener, Parts, Turn};
 use super::{ConnId, Engine};
 use crate::wire::openai::{ApiError, ChatMessage, ChatRequest, Completion};
 
@@ -46,7 +46,7 @@ impl Engine {
         req: &ChatRequest,
         fingerprint: u64,
     ) -> Result<(), ApiError> {
-        let (key, fresh) = self.session_for(&key, req, unix_secs);
+        let key = self.session_for(&key, req, unix_secs);
         let completion = Completion {
             id: format!("chatcmpl-{}", self.ids.token()),
             created: unix_secs,
@@ -59,13 +59,12 @@ impl Engine {
         let Err(l) = self.attach(now, &key, fingerprint, l) else { return Ok(()) };
         if let Some(text) = self.sessions[&key].recent_answer(fingerprint, now).map(String::from) {
             log::info!("session {key}: identical request answered again from the finished turn");
-            let mut turn = Turn::new(fingerprint, String::new());
+            let mut turn = Turn::new(fingerprint, Parts::default());
             self.listen(now, &key, &mut turn, l);
             self.stream_text(now, &mut turn, &text);
             self.answer(&mut turn, &Answer::Text(text));
             return Ok(());
         }
-        let content = self.compose(&key, req, fresh);
         if req.new_user_text().is_empty() {
             return Err(ApiError::new(
                 400,
@@ -73,16 +72,16 @@ impl Engine {
                 "no user message with text after the last assistant message",
             ));
         }
-        self.admit(now, &key, Turn::new(fingerprint, content), l)
+        self.admit(now, &key, Turn::new(fingerprint, parts(req)), l)
     }
 
-    /// Find or create the session for `key`; true when its Claude session is new.
+    /// Find or create the session for `key`.
     ///
     /// - A compaction request (summariser prompt, no tools) goes to a one-shot session of its own,
     ///   so it never waits behind, or mixes into, the conversation's turns.
     /// - `<id>:<N+1>` whose history starts with the compaction summary continues the session of
     ///   `<id>:<N>`; any other new key (a reset gives a new id or N) starts a new Claude session.
-    fn session_for(&mut self, key: &str, req: &ChatRequest, unix_secs: u64) -> (String, bool) {
+    fn session_for(&mut self, key: &str, req: &ChatRequest, unix_secs: u64) -> String {
         if is_compaction(req) {
             let key = format!("compaction:{key}");
             let uuid = self.ids.uuid();
@@ -91,12 +90,12 @@ impl Engine {
             s.ephemeral = true;
             if s.is_idle() && s.proc.is_none() {
                 s.uuid = uuid;
-                s.system_hash = None;
+                s.claude_fresh = true;
             }
-            return (key, true);
+            return key;
         }
         if let Some(canonical) = self.session_key_of(key) {
-            return (canonical, false);
+            return canonical;
         }
         let compacted =
             req.messages.iter().find(|m| m.role != "system").is_some_and(|m| m.text().starts_with(COMPACTED_HISTORY));
@@ -106,14 +105,14 @@ impl Engine {
             log::info!("session {earlier}: continues as {key} after a compaction");
             self.sessions.get_mut(&earlier).expect("session").aliases.push(key.to_string());
             self.save_sessions();
-            return (earlier, false);
+            return earlier;
         }
         let uuid = self.ids.uuid();
         log::info!("session {key}: new, claude session {uuid}");
         self.sessions.insert(key.to_string(), Session::new(key.to_string(), uuid, unix_secs));
         // Saved at once: a crash must not lose the key → Claude session mapping.
         self.save_sessions();
-        (key.to_string(), true)
+        key.to_string()
     }
 
     /// The session named `key`, directly or as an alias.
@@ -149,28 +148,30 @@ impl Engine {
         }
         Ok(())
     }
+}
 
-    /// The channel message for a new turn: the client's system prompt when this Claude session
-    /// has not seen it (first turn, or it changed), earlier history when the Claude session is
-    /// new but the conversation is not, then the new user messages.
-    fn compose(&mut self, key: &str, req: &ChatRequest, fresh: bool) -> String {
-        let session = self.sessions.get_mut(key).expect("session");
-        let system: Vec<String> = req.messages.iter().filter(|m| m.role == "system").map(ChatMessage::text).collect();
-        let system = system.join("\n\n");
-        let mut parts = Vec::new();
-        let hash = fingerprint(&system);
-        if !system.is_empty() && session.system_hash != Some(hash) {
-            session.system_hash = Some(hash);
-            self.sessions_dirty = true;
-            parts.push(format!("<system_prompt from=\"client\">\n{system}\n</system_prompt>"));
-        }
-        let history = req.earlier_history();
-        if fresh && !history.is_empty() {
-            let start = history.len().saturating_sub(HISTORY_MAX);
-            let start = (start..history.len()).find(|i| history.is_char_boundary(*i)).unwrap_or(0);
-            parts.push(format!("<earlier_conversation>\n{}\n</earlier_conversation>", &history[start..]));
-        }
-        parts.push(req.new_user_text());
-        parts.join("\n\n")
+/// The parts of a request Claude may need.
+fn parts(req: &ChatRequest) -> Parts {
+    let system: Vec<String> = req.messages.iter().filter(|m| m.role == "system").map(ChatMessage::text).collect();
+    let history = req.earlier_history();
+    let start = history.len().saturating_sub(HISTORY_MAX);
+    let start = (start..history.len()).find(|i| history.is_char_boundary(*i)).unwrap_or(0);
+    Parts { system: system.join("\n\n"), history: history[start..].to_string(), text: req.new_user_text() }
+}
+
+/// The channel message: the client's system prompt when this Claude session has not seen it
+/// (`seen` holds its hash, updated here), the earlier conversation when the Claude session is
+/// fresh (no transcript: new, or its transcript is gone), then the new user messages.
+pub fn compose(parts: &Parts, seen: &mut Option<u64>, fresh: bool) -> String {
+    let mut out = Vec::new();
+    let hash = fingerprint(&parts.system);
+    if !parts.system.is_empty() && *seen != Some(hash) {
+        *seen = Some(hash);
+        out.push(format!("<system_prompt from=\"client\">\n{}\n</system_prompt>", parts.system));
     }
+    if fresh && !parts.history.is_empty() {
+        out.push(format!("<earlier_conversation>\n{}\n</earlier_conversation>", parts.history));
+    }
+    out.push(parts.text.clone());
+    out.join("\n\n")
 }

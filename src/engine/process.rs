@@ -199,10 +199,12 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_spawned(&mut self, id: ProcId, pid: u32) {
-        if let Some(p) = self.procs.get_mut(&id) {
-            log::info!("session {}: process {id} is claude pid {pid}", p.session);
-            p.pid = Some(pid);
+    pub(super) fn on_spawned(&mut self, id: ProcId, pid: u32, resumed: bool) {
+        let Some(p) = self.procs.get_mut(&id) else { return };
+        log::info!("session {}: process {id} is claude pid {pid}", p.session);
+        p.pid = Some(pid);
+        if let Some(s) = self.sessions.get_mut(&p.session) {
+            s.claude_fresh = !resumed;
         }
     }
 

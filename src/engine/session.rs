@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::openclaw::compose;
 use super::process::ACK_TIMEOUT;
 use super::turn::{Answer, Listener, Turn};
 use super::{ConnId, Engine, Output, ProcId, SessionRecord};
@@ -36,6 +37,9 @@ pub struct Session {
     pub recent: VecDeque<(u64, String, Instant)>,
     /// Hash of the client's system prompt as last given to this Claude session.
     pub system_hash: Option<u64>,
+    /// The Claude session has no transcript yet (new, or it was not there to resume): the next
+    /// delivery carries the system prompt and the earlier conversation.
+    pub claude_fresh: bool,
     /// Other keys naming this session (`<id>:<N+1>` after a compaction).
     pub aliases: Vec<String>,
     /// One-shot (compaction requests): a fresh Claude session per turn, never saved.
@@ -58,6 +62,7 @@ impl Session {
             last_used: unix_secs,
             recent: VecDeque::new(),
             system_hash: None,
+            claude_fresh: true,
             aliases: Vec::new(),
             ephemeral: false,
             tools: Vec::new(),
@@ -69,6 +74,7 @@ impl Session {
         s.last_used = r.last_used;
         s.aliases = r.aliases;
         s.system_hash = r.system_hash;
+        s.claude_fresh = false; // decided when its process starts (`Input::Spawned`)
         s
     }
 
@@ -144,6 +150,13 @@ impl Engine {
         }
         let session = self.sessions.get_mut(key).expect("session");
         let mut turn = session.queue.pop_front().expect("queue not empty");
+        let (fresh, seen) = (session.claude_fresh, session.system_hash);
+        if fresh {
+            session.system_hash = None;
+        }
+        turn.content = compose(&turn.parts, &mut session.system_hash, fresh);
+        session.claude_fresh = false;
+        self.sessions_dirty |= session.system_hash != seen;
         turn.deadline = Some(now + self.settings.turn_timeout);
         let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
         log::info!("session {key}: delivering {} to process {pid}", turn.chat_id);

@@ -24,11 +24,24 @@ pub struct PendingCall {
     pub call_ref: String,
 }
 
+/// What a request brings for Claude; composed into one channel message at delivery, when it is
+/// known whether the Claude session is fresh (see `Engine::deliver_next`).
+#[derive(Default)]
+pub struct Parts {
+    /// The client's system prompt.
+    pub system: String,
+    /// The conversation before the new input.
+    pub history: String,
+    /// The new user messages.
+    pub text: String,
+}
+
 pub struct Turn {
     pub listeners: Vec<Listener>,
     /// Hash of the request body: an identical retry attaches to this turn.
     pub fingerprint: u64,
-    /// The text delivered to Claude as one channel message.
+    pub parts: Parts,
+    /// The text delivered to Claude as one channel message (set at delivery).
     pub content: String,
     pub chat_id: String,
     /// Reply texts of the response in progress.
@@ -50,11 +63,12 @@ pub struct Turn {
 }
 
 impl Turn {
-    pub fn new(fingerprint: u64, content: String) -> Self {
+    pub fn new(fingerprint: u64, parts: Parts) -> Self {
         Turn {
             listeners: Vec::new(),
             fingerprint,
-            content,
+            parts,
+            content: String::new(),
             chat_id: String::new(),
             replies: Vec::new(),
             deadline: None,

@@ -403,7 +403,8 @@ impl Shell {
             projects_dir: home().join(".claude").join("projects"),
         };
         let tmpdir = self.config.state_dir.join("tmp").join(proc.to_string());
-        let flag = if launch.resumes(&spec.session_uuid) { "--resume" } else { "--session-id" };
+        let resumed = launch.resumes(&spec.session_uuid);
+        let flag = if resumed { "--resume" } else { "--session-id" };
         log::info!("process {proc}: starting {} {flag} {}", self.config.claude_command, spec.session_uuid);
         match launch.spawn(spec, &tmpdir) {
             Ok((pid, master)) => {
@@ -415,7 +416,7 @@ impl Shell {
                 }
                 self.sources.insert(token, Source::Terminal(proc));
                 self.children.insert(proc, Child { pid, master, token });
-                self.feed(Input::Spawned { proc, pid });
+                self.feed(Input::Spawned { proc, pid, resumed });
             }
             Err(e) => self.feed(Input::SpawnFailed { proc, error: e.to_string() }),
         }

@@ -90,7 +90,16 @@ impl Script {
     /// Spawn answered, dev dialog shown and confirmed, channel says hello.
     /// Returns the outputs of the hello (usually the delivery).
     pub fn start_process(&mut self, proc: u64, pid: u32, bridge_conn: u64, token: &str) -> Vec<Output> {
-        assert!(self.input(Input::Spawned { proc, pid }).is_empty());
+        self.start(proc, pid, false, bridge_conn, token)
+    }
+
+    /// The same for a claude started with `--resume` (its transcript existed).
+    pub fn start_resumed_process(&mut self, proc: u64, pid: u32, bridge_conn: u64, token: &str) -> Vec<Output> {
+        self.start(proc, pid, true, bridge_conn, token)
+    }
+
+    fn start(&mut self, proc: u64, pid: u32, resumed: bool, bridge_conn: u64, token: &str) -> Vec<Output> {
+        assert!(self.input(Input::Spawned { proc, pid, resumed }).is_empty());
         let dialog = "\x1b[2J WARNING: Loading development channels\r\n I am using this for local development";
         assert!(self.input(Input::Terminal { proc, text: dialog.into() }).is_empty());
         let confirm = self.advance(Duration::from_millis(300));
