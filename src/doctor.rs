@@ -211,14 +211,7 @@ fn watch(master: std::os::fd::OwnedFd, debug: &Path, trust: bool) -> Result<(), 
                 Prompt::WorkspaceTrust if trust => {
                     std::io::Write::write_all(&mut terminal, TRUST_ANSWER.as_bytes()).map_err(|e| e.to_string())?
                 }
-                Prompt::WorkspaceTrust => {
-                    return Err("claude asks whether to trust the workspace: run `claude` there once and answer \
-                                \"Yes, I trust this folder\", or set trust_workspace = yes."
-                        .into())
-                }
-                Prompt::ApiKeyApproval => {
-                    return Err("claude asks whether to use ANTHROPIC_API_KEY: run `claude` once and answer Yes.".into())
-                }
+                Prompt::WorkspaceTrust | Prompt::ApiKeyApproval => return Err(prompt.advice().into()),
                 Prompt::Interrupted => {}
             }
         }

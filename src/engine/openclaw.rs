@@ -84,11 +84,14 @@ impl Engine {
     fn session_for(&mut self, key: &str, req: &ChatRequest, unix_secs: u64) -> String {
         if is_compaction(req) {
             let key = format!("compaction:{key}");
-            let uuid = self.ids.uuid();
-            let s =
-                self.sessions.entry(key.clone()).or_insert_with(|| Session::new(key.clone(), uuid.clone(), unix_secs));
-            s.ephemeral = true;
-            if s.is_idle() && s.proc.is_none() {
+            // A fresh Claude session each time, unless one is still at work on this key.
+            if self.sessions.get(&key).is_none_or(|s| s.is_idle() && s.proc.is_none()) {
+                let uuid = self.ids.uuid();
+                let s = self
+                    .sessions
+                    .entry(key.clone())
+                    .or_insert_with(|| Session::new(key.clone(), uuid.clone(), unix_secs));
+                s.ephemeral = true;
                 s.uuid = uuid;
                 s.claude_fresh = true;
             }

@@ -235,25 +235,13 @@ impl Engine {
                     log::warn!("process {id}: accepting the workspace-trust question (trust_workspace = yes)");
                     self.push(Output::WriteTerminal { proc: id, data: TRUST_ANSWER.into() });
                 }
-                Prompt::WorkspaceTrust => {
+                Prompt::WorkspaceTrust | Prompt::ApiKeyApproval => {
+                    let code =
+                        if prompt == Prompt::WorkspaceTrust { "workspace_not_trusted" } else { "api_key_not_approved" };
                     let p = &self.procs[&id];
-                    let msg = format!(
-                        "claude stopped at the workspace trust question (\"Is this a project you trust?\"); \
-                         run `claude` once in the workspace folder and answer \"Yes, I trust this folder\", \
-                         or set trust_workspace = yes. {}",
-                        p.tail()
-                    );
+                    let msg = format!("{} {}", prompt.advice(), p.tail());
                     log::error!("session {}: {msg}", p.session);
-                    self.fail_process(now, id, ApiError::new(502, "workspace_not_trusted", msg));
-                    return;
-                }
-                Prompt::ApiKeyApproval => {
-                    let msg = format!(
-                        "claude asks whether to use the ANTHROPIC_API_KEY of its environment (its default answer is No); \
-                         run `claude` once as this user and answer Yes, or remove the variable. {}",
-                        self.procs[&id].tail()
-                    );
-                    self.fail_process(now, id, ApiError::new(502, "api_key_not_approved", msg));
+                    self.fail_process(now, id, ApiError::new(502, code, msg));
                     return;
                 }
                 Prompt::Interrupted => {}

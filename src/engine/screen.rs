@@ -22,6 +22,23 @@ pub enum Prompt {
     Interrupted,
 }
 
+impl Prompt {
+    /// What the operator has to do about a screen synthesis does not answer by itself.
+    pub fn advice(self) -> &'static str {
+        match self {
+            Prompt::WorkspaceTrust => {
+                "claude asks whether to trust the workspace (\"Is this a project you trust?\"): run `claude` once \
+                 in the workspace folder and answer \"Yes, I trust this folder\", or set trust_workspace = yes."
+            }
+            Prompt::ApiKeyApproval => {
+                "claude asks whether to use the ANTHROPIC_API_KEY of its environment (its default answer is No): \
+                 run `claude` once as this user and answer Yes, or remove the variable."
+            }
+            Prompt::DevChannels | Prompt::Interrupted => "",
+        }
+    }
+}
+
 const MARKERS: &[(&str, Prompt)] = &[
     ("Iamusingthisforlocaldevelopment", Prompt::DevChannels),
     ("Yes,Itrustthisfolder", Prompt::WorkspaceTrust),

@@ -194,9 +194,7 @@ impl Engine {
             if turn.chat_id != chat_id {
                 log::warn!("session {key}: reply names {chat_id}, turn is {}; attributed to the turn", turn.chat_id);
             }
-            let sep = if turn.replies.is_empty() { "" } else { "\n\n" };
-            engine.stream_text(now, turn, &format!("{sep}{text}"));
-            turn.replies.push(text);
+            engine.say(now, turn, text);
         });
         if replied.is_none() {
             log::warn!("session {key}: reply for {chat_id} outside a turn, dropped");
@@ -303,8 +301,7 @@ impl Engine {
             turn.listeners.retain(|l| l.conn != conn);
         }
         session.queue.retain(|t| !t.listeners.is_empty());
-        let waiting_for_client = |t: &Turn| t.asked.is_some() || t.asked_permission.is_some();
-        if let Some(turn) = session.current.as_mut().filter(|t| t.listeners.is_empty() && !waiting_for_client(t)) {
+        if let Some(turn) = session.current.as_mut().filter(|t| t.listeners.is_empty() && !t.awaits_client()) {
             log::info!("session {key}: the client of {} left", turn.chat_id);
             turn.orphan_deadline = Some(now + grace);
             turn.keepalive_at = None;

@@ -2,11 +2,11 @@
 //! Claude's call ends the current response with `tool_calls`; the `role: "tool"` message of the
 //! client's next request answers the MCP call, and that request waits for the rest of the turn.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Instant;
 
 use serde_json::Value;
 
+use super::openclaw::fingerprint;
 use super::turn::{Answer, Listener, PendingCall, Turn};
 use super::{Engine, Output, ProcId};
 use crate::wire::bridge::{ToChannel, ToolDef};
@@ -33,9 +33,7 @@ impl Engine {
     /// Send the session's catalog to its process when the process has not seen it yet; true if sent.
     pub(super) fn send_tools(&mut self, key: &str, pid: ProcId) -> bool {
         let tools = self.sessions[key].tools.clone();
-        let mut h = DefaultHasher::new();
-        serde_json::to_string(&tools).expect("tools serialise").hash(&mut h);
-        let hash = h.finish();
+        let hash = fingerprint(&serde_json::to_string(&tools).expect("tools serialise"));
         let Some(p) = self.procs.get_mut(&pid) else { return false };
         let Some(conn) = p.bridge.filter(|_| p.tools_sent != Some(hash)) else { return false };
         p.tools_sent = Some(hash);
@@ -60,13 +58,11 @@ impl Engine {
     /// Hand the next question (permission or tool call) to the clients waiting for the turn,
     /// if none is open: it ends their response, and the answer comes with the next request.
     pub(super) fn ask_next(&mut self, now: Instant, turn: &mut Turn) {
-        if turn.asked.is_some() || turn.asked_permission.is_some() || turn.listeners.is_empty() {
+        if turn.awaits_client() || turn.listeners.is_empty() {
             return;
         }
         if let Some((id, text)) = turn.permissions.pop_front() {
-            let sep = if turn.replies.is_empty() { "" } else { "\n\n" };
-            self.stream_text(now, turn, &format!("{sep}{text}"));
-            turn.replies.push(text);
+            self.say(now, turn, text);
             let all = turn.replies.join("\n\n");
             self.answer(turn, &Answer::Text(all));
             turn.replies.clear();

@@ -84,6 +84,11 @@ impl Turn {
     pub fn deadline(&self) -> Option<Instant> {
         [self.deadline, self.orphan_deadline, self.keepalive_at].into_iter().flatten().min()
     }
+
+    /// A question (tool call or permission) is out with the client; its answer comes in a request.
+    pub fn awaits_client(&self) -> bool {
+        self.asked.is_some() || self.asked_permission.is_some()
+    }
 }
 
 /// How a response ends.
@@ -116,6 +121,13 @@ impl Engine {
             self.outputs.push_back(Output::StreamData { conn: l.conn, data });
         }
         turn.keepalive_at = self.next_keepalive(now, turn);
+    }
+
+    /// Add `text` to what the turn says: streamed at once, kept for whole answers and late listeners.
+    pub(super) fn say(&mut self, now: Instant, turn: &mut Turn, text: String) {
+        let sep = if turn.replies.is_empty() { "" } else { "\n\n" };
+        self.stream_text(now, turn, &format!("{sep}{text}"));
+        turn.replies.push(text);
     }
 
     /// A chunk that adds no text, so that no client watchdog fires during a long turn.
