@@ -137,14 +137,15 @@ fn check_channel(config: &Config, claude: &Path, workspace: &Path) -> Result<boo
         self_exe: &self_exe,
         addr,
         workspace,
-        projects_dir: PathBuf::from("/nonexistent"),
+        projects_dir: PathBuf::from("/nonexistent"), // always a new session
     };
     let spec = SpawnSpec {
         session_uuid: uuid::Uuid::new_v4().to_string(),
         bridge_token: "doctor".into(),
         hook_token: "doctor".into(),
     };
-    let (pid, master) = launch.spawn(&spec, &scratch.join("tmp")).map_err(|e| format!("cannot start claude: {e}"))?;
+    let (pid, master) =
+        launch.spawn(&spec, false, &scratch.join("tmp")).map_err(|e| format!("cannot start claude: {e}"))?;
     let verdict = watch(master, &debug, config.trust_workspace);
     // SAFETY: signalling the process group we just created.
     unsafe {

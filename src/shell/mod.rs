@@ -406,7 +406,7 @@ impl Shell {
         let resumed = launch.resumes(&spec.session_uuid);
         let flag = if resumed { "--resume" } else { "--session-id" };
         log::info!("process {proc}: starting {} {flag} {}", self.config.claude_command, spec.session_uuid);
-        match launch.spawn(spec, &tmpdir) {
+        match launch.spawn(spec, resumed, &tmpdir) {
             Ok((pid, master)) => {
                 let token = Token(self.next_token);
                 self.next_token += 1;

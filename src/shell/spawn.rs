@@ -85,10 +85,10 @@ impl Launch<'_> {
         args
     }
 
-    /// Spawn claude on a new pseudo-terminal; returns its pid and the terminal's master side.
-    pub fn spawn(&self, spec: &SpawnSpec, tmpdir: &Path) -> io::Result<(u32, OwnedFd)> {
+    /// Spawn claude on a new pseudo-terminal (`resume`: with `--resume`, see `resumes`); returns its
+    /// pid and the terminal's master side.
+    pub fn spawn(&self, spec: &SpawnSpec, resume: bool, tmpdir: &Path) -> io::Result<(u32, OwnedFd)> {
         std::fs::create_dir_all(tmpdir)?;
-        let resume = self.resumes(&spec.session_uuid);
         let (master, slave) = open_pty()?;
         let mut cmd = Command::new(&self.config.claude_command);
         cmd.args(self.args(spec, resume)).current_dir(self.workspace);
