@@ -322,13 +322,8 @@ impl Shell {
                 self.flush_http(token);
             }
             Some(Source::Bridge(b)) => {
-                for ev in b.on_readable() {
-                    let conn = token.0 as u64;
-                    match ev {
-                        BridgeEvent::Frame(frame) => self.feed(Input::BridgeFrame { conn, frame }),
-                        BridgeEvent::Closed => self.close(token),
-                    }
-                }
+                let events = b.on_readable();
+                self.on_bridge_events(token, events);
             }
             Some(Source::Terminal(proc)) => {
                 let proc = *proc;
@@ -354,17 +349,22 @@ impl Shell {
                         // Frames may have arrived with the upgrade request.
                         let events = bridge.on_readable();
                         self.sources.insert(token, Source::Bridge(bridge));
-                        for ev in events {
-                            match ev {
-                                BridgeEvent::Frame(frame) => self.feed(Input::BridgeFrame { conn, frame }),
-                                BridgeEvent::Closed => self.close(token),
-                            }
-                        }
+                        self.on_bridge_events(token, events);
                     }
                     None => log::warn!("bridge: bad WebSocket upgrade request, dropped"),
                 }
             }
             HttpEvent::Closed => self.close(token),
+        }
+    }
+
+    fn on_bridge_events(&mut self, token: Token, events: Vec<BridgeEvent>) {
+        let conn = token.0 as u64;
+        for ev in events {
+            match ev {
+                BridgeEvent::Frame(frame) => self.feed(Input::BridgeFrame { conn, frame }),
+                BridgeEvent::Closed => self.close(token),
+            }
         }
     }
 
