@@ -48,7 +48,7 @@ impl Engine {
             return Ok(());
         };
         match req.bearer() {
-            Some(token) if constant_time_eq(token.as_bytes(), key.as_bytes()) => Ok(()),
+            Some(token) if super::bounds::constant_time_eq(token.as_bytes(), key.as_bytes()) => Ok(()),
             Some(_) => Err(ApiError::new(
                 401,
                 "invalid_api_key",
@@ -97,7 +97,13 @@ impl Engine {
             ApiError::new(400, "invalid_request", format!("request body {what}: {e}"))
         })?;
         let key = session_key(req, &body)?;
-        self.chat_turn(now, conn, unix_secs, key, &body, fingerprint(&req.body))
+        super::bounds::check_key(&key)?;
+        let known = self.known_sessions(&key);
+        let result = self.chat_turn(now, conn, unix_secs, key.clone(), &body, fingerprint(&req.body));
+        if result.is_err() {
+            self.forget_new_sessions(&key, known);
+        }
+        result
     }
 
     /// Stop / StopFailure from claude's HTTP hooks: answered at once (the hook blocks claude),
@@ -173,8 +179,4 @@ pub fn session_key(req: &Request, body: &ChatRequest) -> Result<String, ApiError
                  and compat.supportsPromptCacheKey on the model), or prompt_cache_key or user in the body",
         )
     })
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -6,6 +6,8 @@
 //! and every effect on the world is an `Output`.
 
 mod api;
+mod bounds;
+pub use bounds::Stats;
 mod openclaw;
 mod permissions;
 pub use api::{session_key, HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};

@@ -28,10 +28,16 @@ fn is_compaction(req: &ChatRequest) -> bool {
         && req.messages.first().is_some_and(|m| m.role == "system" && m.text().starts_with(COMPACTION_PROMPT))
 }
 
-/// `<id>:<N>` → (`<id>`, N).
+/// The one-shot session of a compaction request for `key`.
+pub(super) fn compaction_key(key: &str) -> String {
+    format!("compaction:{key}")
+}
+
+/// `<id>:<N>` → (`<id>`, N), N in plain decimal.
 fn generation(key: &str) -> Option<(&str, u64)> {
     let (base, n) = key.rsplit_once(':')?;
-    Some((base, n.parse().ok()?))
+    let g: u64 = n.parse().ok()?;
+    (g.to_string() == n).then_some((base, g))
 }
 
 impl Engine {
@@ -83,7 +89,7 @@ impl Engine {
     ///   `<id>:<N>`; any other new key (a reset gives a new id or N) starts a new Claude session.
     fn session_for(&mut self, key: &str, req: &ChatRequest, unix_secs: u64) -> String {
         if is_compaction(req) {
-            let key = format!("compaction:{key}");
+            let key = compaction_key(key);
             // A fresh Claude session each time, unless one is still at work on this key.
             if self.sessions.get(&key).is_none_or(|s| s.is_idle() && s.proc.is_none()) {
                 let uuid = self.ids.uuid();
@@ -106,7 +112,7 @@ impl Engine {
             generation(key).filter(|_| compacted).and_then(|(base, n)| self.latest_generation(base, n))
         {
             log::info!("session {earlier}: continues as {key} after a compaction");
-            self.sessions.get_mut(&earlier).expect("session").aliases.push(key.to_string());
+            super::bounds::add_alias(&mut self.sessions.get_mut(&earlier).expect("session").aliases, key);
             self.save_sessions();
             return earlier;
         }
@@ -126,9 +132,14 @@ impl Engine {
         self.sessions.values().find(|s| s.aliases.iter().any(|a| a == key)).map(|s| s.key.clone())
     }
 
-    /// The session of the highest generation of `base` below `n`.
+    /// The session of the highest generation of `base` below `n`. `n` comes from the client
+    /// (up to 2^64-1): look through the keys there are, never count down from it.
     fn latest_generation(&self, base: &str, n: u64) -> Option<String> {
-        (0..n).rev().find_map(|k| self.session_key_of(&format!("{base}:{k}")))
+        let names = self.sessions.values().flat_map(|s| std::iter::once(&s.key).chain(&s.aliases).map(move |k| (k, s)));
+        names
+            .filter_map(|(k, s)| generation(k).filter(|(b, g)| *b == base && *g < n).map(|(_, g)| (g, &s.key)))
+            .max_by_key(|(g, _)| *g)
+            .map(|(_, key)| key.clone())
     }
 
     /// Attach `l` to the in-flight or queued turn of an identical request (a client retry),

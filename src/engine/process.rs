@@ -297,7 +297,7 @@ impl Engine {
         let found = self
             .procs
             .iter_mut()
-            .find(|(_, p)| p.bridge.is_none() && p.state == ProcState::Starting && p.bridge_token == token);
+            .find(|(_, p)| p.bridge.is_none() && p.state == ProcState::Starting && same_token(&p.bridge_token, token));
         let Some((&id, p)) = found.filter(|_| v == bridge::VERSION) else {
             log::warn!("bridge {conn}: hello with an unknown or used token or version {v}, closing");
             self.push(Output::CloseBridge { conn });
@@ -510,6 +510,10 @@ impl Engine {
 
     /// The process behind a hook token.
     pub(super) fn process_by_hook_token(&self, token: &str) -> Option<ProcId> {
-        self.procs.iter().find(|(_, p)| p.hook_token == token).map(|(id, _)| *id)
+        self.procs.iter().find(|(_, p)| same_token(&p.hook_token, token)).map(|(id, _)| *id)
     }
+}
+
+fn same_token(ours: &str, theirs: &str) -> bool {
+    super::bounds::constant_time_eq(ours.as_bytes(), theirs.as_bytes())
 }

@@ -12,8 +12,7 @@ use crate::wire::bridge::{ToChannel, ToolDef};
 use crate::wire::openai::ApiError;
 
 /// How long a finished answer is kept for a retry of the identical request.
-const RECENT_TTL: Duration = Duration::from_secs(600);
-const RECENT_MAX: usize = 4;
+pub(super) const RECENT_TTL: Duration = Duration::from_secs(600);
 /// Longest wait for claude to re-list tools after the catalog changed.
 const TOOLS_WAIT: Duration = Duration::from_secs(1);
 
@@ -206,8 +205,7 @@ impl Engine {
         let Some(session) = self.sessions.get_mut(key) else { return };
         let Some(mut turn) = session.current.take() else { return };
         if let Answer::Text(text) = &answer {
-            session.recent.push_front((turn.fingerprint, text.clone(), now));
-            session.recent.truncate(RECENT_MAX);
+            super::bounds::remember(&mut session.recent, turn.fingerprint, text.clone(), now);
         }
         let (ephemeral, proc) = (session.ephemeral, session.proc);
         self.answer(&mut turn, &answer);
