@@ -87,9 +87,9 @@ fn main() {
         flush();
     }
     std::fs::OpenOptions::new().create(true).append(true).open(&session_file).expect("session file");
-    let mcp: Value = serde_json::from_str(&flag("--mcp-config").unwrap_or_else(|| fail("no --mcp-config")))
-        .unwrap_or_else(|_| fail("bad --mcp-config"));
-    let settings: Value = flag("--settings").map_or(Value::Null, |s| serde_json::from_str(&s).expect("settings"));
+    let mcp = json_arg(&flag("--mcp-config").unwrap_or_else(|| fail("no --mcp-config")))
+        .unwrap_or_else(|| fail("bad --mcp-config"));
+    let settings: Value = flag("--settings").map_or(Value::Null, |s| json_arg(&s).expect("settings"));
     let (channel_child, to_channel) = start_channel(&mcp, tx);
     let mut fake = Fake {
         events,
@@ -107,6 +107,12 @@ fn main() {
         writeln!(f, "[DEBUG] MCP server \"synthesis\": Channel notifications registered").unwrap();
     }
     fake.serve();
+}
+
+/// Inline JSON, or the path of a file holding it (claude takes both for both flags).
+fn json_arg(arg: &str) -> Option<Value> {
+    let text = if arg.trim_start().starts_with('{') { arg.to_string() } else { std::fs::read_to_string(arg).ok()? };
+    serde_json::from_str(&text).ok()
 }
 
 fn fail(msg: &str) -> ! {

@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,26 @@ const VERSION: u32 = 1;
 struct SessionFile {
     version: u32,
     sessions: Vec<SessionRecord>,
+}
+
+/// Create `dir` (and missing parents) readable by its owner only (0700), or tighten it if it
+/// exists: it holds claude's temporary files, tokens and the session map.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Write `bytes` to a file readable by its owner only (0600), never through a symlink.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
@@ -82,7 +102,6 @@ mod tests {
 
     #[test]
     fn round_trip_with_private_mode() {
-        use std::os::unix::fs::PermissionsExt;
         let d = dir("rt");
         let recs = vec![SessionRecord {
             key: "k".into(),
@@ -105,6 +124,24 @@ mod tests {
         assert!(load(&d, 77).is_empty());
         assert!(!path(&d).exists());
         assert_eq!(fs::read_to_string(d.join("sessions.json.corrupt-77")).unwrap(), "{half a file");
+    }
+
+    #[test]
+    fn private_dirs_and_files_are_owner_only_even_when_they_existed() {
+        let d = dir("private");
+        let sub = d.join("a/b");
+        fs::create_dir_all(&sub).unwrap();
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&sub).unwrap();
+        assert_eq!(fs::metadata(&sub).unwrap().permissions().mode() & 0o777, 0o700);
+        let file = sub.join("f");
+        fs::write(&file, "old").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&file, b"new").unwrap();
+        assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_to_string(&file).unwrap(), "new");
+        std::os::unix::fs::symlink(&file, sub.join("link")).unwrap();
+        assert!(write_private(&sub.join("link"), b"x").is_err(), "never through a symlink");
     }
 
     #[test]

@@ -80,7 +80,9 @@ impl Shell {
     fn new(config: Config) -> io::Result<Self> {
         let workspace =
             with_context(format!("workspace {}", config.workspace.display()), config.workspace.canonicalize())?;
-        with_context(format!("state_dir {}", config.state_dir.display()), std::fs::create_dir_all(&config.state_dir))?;
+        for dir in [config.state_dir.clone(), config.state_dir.join("tmp")] {
+            with_context(format!("state_dir {}", dir.display()), crate::persist::private_dir(&dir))?;
+        }
         let self_exe = with_context("cannot find own binary", std::env::current_exe())?;
         let poll = Poll::new()?;
         let mut listener =

@@ -1,5 +1,6 @@
 //! Starting claude the way the real CLI needs it: interactive, on a pseudo-terminal, in its own
-//! session and process group, with the synthesis channel and HTTP hooks passed inline.
+//! session and process group, with the synthesis channel and HTTP hooks in owner-only files
+//! (any local user can read a command line in /proc, so no token is ever in argv).
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,13 +9,16 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::engine::SpawnSpec;
 use crate::wire::bridge;
 
 pub const HOOK_TOKEN_ENV: &str = "SYNTHESIS_HOOK_TOKEN";
+/// In claude's private directory: the `--mcp-config` (with the bridge token) and `--settings` files.
+pub const MCP_CONFIG_FILE: &str = "mcp-config.json";
+pub const SETTINGS_FILE: &str = "settings.json";
 const COLS: u16 = 200;
 const ROWS: u16 = 50;
 
@@ -38,16 +42,21 @@ impl Launch<'_> {
         self.projects_dir.join(project_dir_name(self.workspace)).join(format!("{uuid}.jsonl")).exists()
     }
 
-    pub fn args(&self, spec: &SpawnSpec, resume: bool) -> Vec<String> {
-        let base = format!("http://{}", loopback(self.addr));
-        let mcp = json!({"mcpServers": {"synthesis": {
+    /// The `--mcp-config` contents: the channel, with its bridge URL and one-time token.
+    pub fn mcp_config(&self, spec: &SpawnSpec) -> Value {
+        json!({"mcpServers": {"synthesis": {
             "command": self.self_exe.to_string_lossy(),
             "args": ["channel"],
             "env": {
                 bridge::ENV_URL: format!("ws://{}{}", loopback(self.addr), bridge::PATH),
                 bridge::ENV_TOKEN: spec.bridge_token,
             },
-        }}});
+        }}})
+    }
+
+    /// The `--settings` contents: HTTP hooks whose token claude takes from its environment.
+    pub fn settings(&self) -> Value {
+        let base = format!("http://{}", loopback(self.addr));
         let hook = |path: &str| {
             json!([{"hooks": [{
                 "type": "http",
@@ -56,21 +65,26 @@ impl Launch<'_> {
                 "allowedEnvVars": [HOOK_TOKEN_ENV],
             }]}])
         };
-        let settings = json!({"hooks": {
+        json!({"hooks": {
             "Stop": hook(crate::engine::HOOK_STOP),
             "StopFailure": hook(crate::engine::HOOK_STOP_FAILURE),
             "UserPromptSubmit": hook(crate::engine::HOOK_PROMPT),
-        }});
+        }})
+    }
+
+    /// claude's command line; `dir` is its private directory with the two files `spawn` writes.
+    pub fn args(&self, spec: &SpawnSpec, resume: bool, dir: &Path) -> Vec<String> {
+        let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
         let c = self.config;
         let session_flag = if resume { "--resume" } else { "--session-id" };
         let mut args: Vec<String> = [
             "--dangerously-load-development-channels",
             "server:synthesis",
             "--mcp-config",
-            &mcp.to_string(),
+            &file(MCP_CONFIG_FILE),
             "--strict-mcp-config",
             "--settings",
-            &settings.to_string(),
+            &file(SETTINGS_FILE),
             session_flag,
             &spec.session_uuid,
             "--permission-mode",
@@ -86,12 +100,15 @@ impl Launch<'_> {
     }
 
     /// Spawn claude on a new pseudo-terminal (`resume`: with `--resume`, see `resumes`); returns its
-    /// pid and the terminal's master side.
+    /// pid and the terminal's master side. `tmpdir` is made owner-only (0700); it is claude's
+    /// `TMPDIR` and holds its MCP config and settings (0600).
     pub fn spawn(&self, spec: &SpawnSpec, resume: bool, tmpdir: &Path) -> io::Result<(u32, OwnedFd)> {
-        std::fs::create_dir_all(tmpdir)?;
+        crate::persist::private_dir(tmpdir)?;
+        crate::persist::write_private(&tmpdir.join(MCP_CONFIG_FILE), self.mcp_config(spec).to_string().as_bytes())?;
+        crate::persist::write_private(&tmpdir.join(SETTINGS_FILE), self.settings().to_string().as_bytes())?;
         let (master, slave) = open_pty()?;
         let mut cmd = Command::new(&self.config.claude_command);
-        cmd.args(self.args(spec, resume)).current_dir(self.workspace);
+        cmd.args(self.args(spec, resume, tmpdir)).current_dir(self.workspace);
         // Nothing of synthesis's own configuration (the API key) reaches claude or its tools.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("SYNTHESIS_") {
@@ -182,22 +199,33 @@ mod tests {
             projects_dir: PathBuf::from("/nonexistent"),
         };
         let spec = SpawnSpec { session_uuid: "u-1".into(), bridge_token: "bt".into(), hook_token: "ht".into() };
-        let args = launch.args(&spec, false);
+        let dir = Path::new("/state/tmp/1");
+        let args = launch.args(&spec, false, dir);
         assert_eq!(args[..2], ["--dangerously-load-development-channels", "server:synthesis"]);
-        let mcp: serde_json::Value = serde_json::from_str(&args[3]).unwrap();
+        assert_eq!(
+            args[2..7],
+            [
+                "--mcp-config",
+                "/state/tmp/1/mcp-config.json",
+                "--strict-mcp-config",
+                "--settings",
+                "/state/tmp/1/settings.json"
+            ]
+        );
+        assert!(!args.iter().any(|a| a.contains("bt") || a.contains("ht")), "no token in argv: {args:?}");
+        let mcp = launch.mcp_config(&spec);
         let server = &mcp["mcpServers"]["synthesis"];
         assert_eq!(server["command"], "/opt/synthesis");
         assert_eq!(server["args"], json!(["channel"]));
         assert_eq!(server["env"]["SYNTHESIS_BRIDGE_URL"], "ws://127.0.0.1:8787/bridge");
         assert_eq!(server["env"]["SYNTHESIS_BRIDGE_TOKEN"], "bt");
-        assert_eq!(args[4], "--strict-mcp-config");
-        let settings: serde_json::Value = serde_json::from_str(&args[6]).unwrap();
+        let settings = launch.settings();
         let stop = &settings["hooks"]["Stop"][0]["hooks"][0];
         assert_eq!(stop["url"], "http://127.0.0.1:8787/hooks/stop");
         assert_eq!(stop["headers"]["Authorization"], "Bearer $SYNTHESIS_HOOK_TOKEN");
         assert_eq!(settings["hooks"]["StopFailure"][0]["hooks"][0]["url"], "http://127.0.0.1:8787/hooks/stop-failure");
         assert_eq!(args[7..9], ["--session-id", "u-1"]);
-        assert_eq!(launch.args(&spec, true)[7], "--resume");
+        assert_eq!(launch.args(&spec, true, dir)[7], "--resume");
         assert_eq!(
             args[9..],
             ["--permission-mode", "default", "--allowed-tools", "mcp__synthesis__*", "--model", "opus"]
