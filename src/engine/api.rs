@@ -43,6 +43,23 @@ impl Engine {
         }
     }
 
+    /// Whether the body of a request may be read, decided on its head (the shell asks before
+    /// buffering the body): without the API key or a known hook token, the answer is a 401 at
+    /// once. The engine checks again when the whole request arrives.
+    pub fn check_head(&self, req: &Request) -> Result<(), ApiError> {
+        match req.path.split('?').next().unwrap_or("") {
+            "/healthz" => Ok(()),
+            HOOK_STOP | HOOK_STOP_FAILURE | HOOK_PROMPT => self.hook_process(req).map(|_| ()),
+            _ => self.authorize(req),
+        }
+    }
+
+    fn hook_process(&self, req: &Request) -> Result<ProcId, ApiError> {
+        req.bearer()
+            .and_then(|t| self.process_by_hook_token(t))
+            .ok_or_else(|| ApiError::new(401, "invalid_hook_token", "hook token unknown"))
+    }
+
     fn authorize(&self, req: &Request) -> Result<(), ApiError> {
         let Some(key) = &self.settings.api_key else {
             return Ok(());
@@ -109,10 +126,7 @@ impl Engine {
     /// Stop / StopFailure from claude's HTTP hooks: answered at once (the hook blocks claude),
     /// then the turn in flight ends.
     fn hook(&mut self, now: Instant, conn: ConnId, req: &Request, kind: Hook) -> Result<(), ApiError> {
-        let id = req
-            .bearer()
-            .and_then(|t| self.process_by_hook_token(t))
-            .ok_or_else(|| ApiError::new(401, "invalid_hook_token", "hook token unknown"))?;
+        let id = self.hook_process(req)?;
         let body: Value = serde_json::from_str(&req.body)
             .map_err(|e| ApiError::new(400, "invalid_request", format!("hook body is not valid JSON: {e}")))?;
         // Claude waits for its hooks: answer before anything else.

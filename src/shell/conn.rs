@@ -2,7 +2,7 @@
 //! upgrade on `/bridge`, the WebSocket of a channel.
 
 use std::io::{self, Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
@@ -20,10 +20,29 @@ pub enum HttpEvent {
     Closed,
 }
 
-pub struct HttpConn {
-    pub stream: TcpStream,
+/// A socket a connection runs on: TCP, or a scripted stand-in in the fuzz tests.
+pub trait Stream: Read + Write {
+    fn shutdown_write(&mut self);
+}
+
+impl Stream for TcpStream {
+    fn shutdown_write(&mut self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Decides on a request's head whether its body may be read (authentication): an `Err` is
+/// answered at once, and the body is discarded unread.
+pub type Gate<'a> = &'a dyn Fn(&Request) -> Result<(), ApiError>;
+
+pub struct HttpConn<S = TcpStream> {
+    pub stream: S,
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
+    /// The head of the request being received, let through by the gate; its body is next in `inbuf`.
+    head: Option<http::Head>,
+    /// Bytes of a refused request still to come: read and dropped, never buffered.
+    skip: usize,
     /// A request was handed to the engine and its answer is not complete yet.
     busy: bool,
     /// Last time a request arrived or an answer completed.
@@ -31,45 +50,70 @@ pub struct HttpConn {
     keep_alive: bool,
     /// Close once `outbuf` is written.
     closing: bool,
-    /// Our side is shut down; unread request bytes are discarded until the client closes, so
-    /// that closing with unread data (a TCP reset) cannot destroy the error response.
+    /// Bytes discarded while closing: unread request bytes are read and dropped until the
+    /// client closes, so that closing with unread data (a TCP reset) cannot destroy the answer.
     lingering: usize,
+    /// Our side is shut down (the answer is out); lingering gives up at this time.
+    linger_until: Option<Instant>,
     eof: bool,
+    /// An answer completed or the output drained: the next request may be waiting, in the
+    /// buffer or in the socket (whose readiness edge may be long gone).
+    resume: bool,
 }
 
 /// Bytes discarded while lingering before giving up on a client that keeps sending.
 const LINGER_LIMIT: usize = 64 << 20;
+/// How long lingering waits for the client to close after the last answer.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+/// No next request is taken while more than this waits to be written (a client that pipelines
+/// requests without reading the answers).
+const OUTBUF_HIGH: usize = 64 * 1024;
+/// Reads go through a stack buffer of this size.
+const READ_CHUNK: usize = 16 * 1024;
 
-impl HttpConn {
-    pub fn new(stream: TcpStream) -> Self {
+impl<S: Stream> HttpConn<S> {
+    pub fn new(stream: S) -> Self {
         HttpConn {
             stream,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
+            head: None,
+            skip: 0,
             busy: false,
             last_active: Instant::now(),
             keep_alive: true,
             closing: false,
             lingering: 0,
+            linger_until: None,
             eof: false,
+            resume: false,
         }
     }
 
-    /// Read what is there, then take the next request off the buffer if we may.
-    pub fn on_readable(&mut self, max_body: usize) -> Vec<HttpEvent> {
-        let mut buf = [0u8; 16 * 1024];
-        // Stop buffering if a client pipelines more than one request's worth while we work.
-        while !self.eof && self.inbuf.len() <= max_body + http::MAX_HEAD {
-            match self.stream.read(&mut buf) {
-                Ok(0) => self.eof = true,
-                Ok(n) if self.closing => self.lingering += n,
-                Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => self.eof = true,
+    /// A connection over the connection cap: `response` (a 503), then close.
+    pub fn refused(stream: S, response: &Response) -> Self {
+        let mut c = HttpConn::new(stream);
+        c.keep_alive = false;
+        c.respond(response);
+        c
+    }
+
+    /// Read what we may, then take the next request off the buffer if we may. Reading stops
+    /// at the request being received (or at `MAX_HEAD` while waiting for a head), so a client
+    /// cannot make synthesis buffer more than one request, nor a body before its head passed `gate`.
+    pub fn on_readable(&mut self, max_body: usize, gate: Gate) -> Vec<HttpEvent> {
+        let mut events = Vec::new();
+        loop {
+            let full = self.fill();
+            let ev = self.next_request(max_body, gate);
+            // The gate let a head through (its body may already wait in the socket), or refused
+            // it (what the client sent is discarded from now on).
+            let again = ev.is_none() && full && self.room() > 0;
+            events.extend(ev);
+            if !again {
+                break;
             }
         }
-        let mut events: Vec<HttpEvent> = self.next_request(max_body).into_iter().collect();
         let gone = self.eof || self.lingering >= LINGER_LIMIT;
         if gone && !matches!(events.first(), Some(HttpEvent::Upgrade(..))) {
             events.push(HttpEvent::Closed);
@@ -77,33 +121,108 @@ impl HttpConn {
         events
     }
 
-    /// After an answer is complete, a pipelined request may already be buffered.
-    pub fn next_request(&mut self, max_body: usize) -> Option<HttpEvent> {
-        if self.busy || self.closing || self.inbuf.is_empty() {
+    /// How many bytes `inbuf` may hold now.
+    fn read_limit(&self) -> usize {
+        match &self.head {
+            Some(h) => h.len + h.content_length,
+            None => http::MAX_HEAD,
+        }
+    }
+
+    /// How many bytes may be read now.
+    fn room(&self) -> usize {
+        if self.closing {
+            READ_CHUNK
+        } else if self.skip > 0 {
+            self.skip.min(READ_CHUNK)
+        } else {
+            self.read_limit().saturating_sub(self.inbuf.len())
+        }
+    }
+
+    /// Read until the socket would block or ends, or `inbuf` is at its limit (true).
+    fn fill(&mut self) -> bool {
+        let mut buf = [0u8; READ_CHUNK];
+        while !self.eof && self.lingering < LINGER_LIMIT {
+            let room = self.room();
+            if room == 0 {
+                return true;
+            }
+            match self.stream.read(&mut buf[..room.min(READ_CHUNK)]) {
+                Ok(0) => self.eof = true,
+                Ok(n) if self.closing => self.lingering += n,
+                Ok(n) if self.skip > 0 => self.skip -= n,
+                Ok(n) => {
+                    if self.inbuf.capacity() == 0 {
+                        self.inbuf.reserve_exact(READ_CHUNK); // then doubling, never past MAX_HEAD
+                    }
+                    self.inbuf.extend_from_slice(&buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.eof = true,
+            }
+        }
+        false
+    }
+
+    /// Take the next complete request off the buffer, if the connection may serve one now.
+    fn next_request(&mut self, max_body: usize, gate: Gate) -> Option<HttpEvent> {
+        if self.busy || self.closing || self.skip > 0 || self.outbuf.len() > OUTBUF_HIGH {
             return None;
         }
-        match http::parse_request(&self.inbuf, max_body) {
-            Ok(None) => None,
-            Ok(Some(parsed)) => {
-                self.inbuf.drain(..parsed.consumed);
-                self.keep_alive = parsed.keep_alive;
-                let req = parsed.request;
-                if req.is_websocket_upgrade() && req.method == "GET" && req.path == bridge::PATH {
-                    return Some(HttpEvent::Upgrade(req, std::mem::take(&mut self.inbuf)));
+        if self.head.is_none() {
+            let head = match http::parse_head(&self.inbuf, max_body) {
+                Ok(head) => head?,
+                Err(e) => {
+                    // Framing errors end the connection: we cannot find the next request's start.
+                    let err = framing_error(&e);
+                    log::warn!("rejecting request: {}", err.message);
+                    self.refuse(&err);
+                    return None;
                 }
-                self.busy = true;
-                self.last_active = Instant::now();
-                Some(HttpEvent::Request(req))
+            };
+            let req = &head.request;
+            if req.is_websocket_upgrade() && req.method == "GET" && req.path == bridge::PATH {
+                self.inbuf.drain(..head.len);
+                return Some(HttpEvent::Upgrade(head.request, std::mem::take(&mut self.inbuf)));
             }
-            Err(e) => {
-                // Framing errors end the connection: we cannot find the next request's start.
-                let err = framing_error(&e);
-                log::warn!("rejecting request: {}", err.message);
-                self.keep_alive = false;
+            if let Err(err) = gate(req) {
+                // Answered at once; the body is dropped as it comes, and the connection goes on.
+                log::warn!("rejecting {} {} on its head: {}", req.method, req.path, err.message);
+                let total = head.len + head.content_length;
+                let buffered = total.min(self.inbuf.len());
+                self.inbuf.drain(..buffered);
+                self.skip = total - buffered;
+                self.keep_alive = head.keep_alive;
                 self.respond(&crate::engine::error_response(&err));
-                None
+                return None;
             }
+            let total = head.len + head.content_length;
+            self.inbuf.reserve_exact(total.saturating_sub(self.inbuf.len()));
+            self.head = Some(head);
         }
+        let total = self.read_limit();
+        if self.inbuf.len() < total {
+            return None;
+        }
+        let head = self.head.take().expect("head");
+        let mut request = head.request;
+        request.body = String::from_utf8_lossy(&self.inbuf[head.len..total]).into_owned();
+        self.inbuf.drain(..total);
+        self.inbuf.shrink_to(http::MAX_HEAD); // a big body's room is not kept for the next request
+        self.keep_alive = head.keep_alive;
+        self.busy = true;
+        self.last_active = Instant::now();
+        Some(HttpEvent::Request(request))
+    }
+
+    /// Answer `err` and close, discarding whatever else the client sends.
+    fn refuse(&mut self, err: &ApiError) {
+        self.keep_alive = false;
+        self.inbuf = Vec::new();
+        self.head = None;
+        self.respond(&crate::engine::error_response(err));
     }
 
     pub fn respond(&mut self, r: &Response) {
@@ -126,6 +245,7 @@ impl HttpConn {
 
     fn finish(&mut self) {
         self.busy = false;
+        self.resume = true;
         self.last_active = Instant::now();
         if !self.keep_alive {
             self.closing = true;
@@ -134,25 +254,45 @@ impl HttpConn {
 
     /// Write buffered output; returns false when the connection is finished or broken.
     pub fn flush(&mut self) -> bool {
+        let was_high = self.outbuf.len() > OUTBUF_HIGH;
         while !self.outbuf.is_empty() {
             match self.stream.write(&self.outbuf) {
                 Ok(0) => return false,
                 Ok(n) => {
                     self.outbuf.drain(..n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return false,
             }
         }
+        if was_high && self.outbuf.len() <= OUTBUF_HIGH {
+            self.resume = true;
+        }
+        if self.outbuf.is_empty() && self.outbuf.capacity() > OUTBUF_HIGH {
+            self.outbuf = Vec::new(); // a long answer's room is not kept
+        }
+        if !self.outbuf.is_empty() {
+            return true;
+        }
         if self.closing {
-            if self.lingering == 0 {
-                let _ = self.stream.shutdown(std::net::Shutdown::Write);
-                self.lingering = 1;
+            if self.linger_until.is_none() {
+                self.stream.shutdown_write();
+                self.linger_until = Some(Instant::now() + LINGER_TIME);
             }
             return !self.eof && self.lingering < LINGER_LIMIT;
         }
         !self.eof || self.busy
+    }
+
+    /// True once after an answer completed or the output drained (see `resume`).
+    pub fn take_resume(&mut self) -> bool {
+        std::mem::take(&mut self.resume)
+    }
+
+    /// When the connection must be closed whatever happens (a lingering close that lasts).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.linger_until
     }
 
     /// Idle between requests (nothing being answered or written) since before `cutoff`.
@@ -160,20 +300,32 @@ impl HttpConn {
         !self.busy && self.outbuf.is_empty() && self.last_active < cutoff
     }
 
-    pub fn into_websocket(self, rest: Vec<u8>, req: &Request) -> Option<BridgeConn> {
+    pub fn into_websocket(self, rest: Vec<u8>, req: &Request) -> Option<BridgeConn<S>> {
         let mut stream = self.stream;
         let accept = http::websocket_accept(req)?;
         // The 101 is tiny; a fresh socket's send buffer always takes it.
         stream.write_all(&accept).ok()?;
-        let ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(bridge_config()));
-        Some(BridgeConn { ws })
+        let ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(bridge_config(HELLO_MAX)));
+        Some(BridgeConn { ws, hello_by: Some(Instant::now() + HELLO_TIMEOUT) })
     }
 }
 
+/// A new bridge must say `hello` within this time...
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// ... in a frame of at most this size (a hello is about 100 bytes).
+pub const HELLO_MAX: usize = 4096;
+/// Largest frame of a bound channel: a `reply` or client-tool call carries what Claude wrote in
+/// one go (bounded by its output tokens, well under a MiB); one such buffer per claude at most.
+pub const FRAME_MAX: usize = 16 << 20;
+
 /// Frames are small JSON: tungstenite's default 128 KiB buffers per socket would make
 /// bridges the bulk of synthesis's memory with hundreds of sessions.
-fn bridge_config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0).max_message_size(Some(16 << 20))
+fn bridge_config(max: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
 }
 
 fn framing_error(e: &ParseError) -> ApiError {
@@ -190,8 +342,10 @@ fn framing_error(e: &ParseError) -> ApiError {
 }
 
 /// A channel's bridge WebSocket.
-pub struct BridgeConn {
-    pub ws: WebSocket<TcpStream>,
+pub struct BridgeConn<S = TcpStream> {
+    pub ws: WebSocket<S>,
+    /// Not bound yet: the first frame must be a `hello` (of at most `HELLO_MAX` bytes) by then.
+    hello_by: Option<Instant>,
 }
 
 pub enum BridgeEvent {
@@ -199,12 +353,23 @@ pub enum BridgeEvent {
     Closed,
 }
 
-impl BridgeConn {
+impl<S: Read + Write> BridgeConn<S> {
     pub fn on_readable(&mut self) -> Vec<BridgeEvent> {
         let mut events = Vec::new();
         loop {
             match self.ws.read() {
                 Ok(Message::Text(text)) => match serde_json::from_str::<FromChannel>(&text) {
+                    Ok(frame @ FromChannel::Hello { .. }) if self.hello_by.is_some() => {
+                        // The engine closes the socket if the token is not one it gave out.
+                        self.hello_by = None;
+                        self.ws.set_config(|c| *c = bridge_config(FRAME_MAX));
+                        events.push(BridgeEvent::Frame(frame));
+                    }
+                    Ok(_) if self.hello_by.is_some() => {
+                        log::warn!("bridge: first frame is not a hello, closing");
+                        events.push(BridgeEvent::Closed);
+                        return events;
+                    }
                     Ok(frame) => events.push(BridgeEvent::Frame(frame)),
                     Err(e) => {
                         log::warn!("bridge: unreadable frame ({e}), closing");
@@ -214,7 +379,10 @@ impl BridgeConn {
                 },
                 Ok(_) => {} // pings are answered by tungstenite on flush
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
+                Err(e) => {
+                    if let tungstenite::Error::Capacity(e) = &e {
+                        log::warn!("bridge: {e}, closing");
+                    }
                     events.push(BridgeEvent::Closed);
                     return events;
                 }
@@ -222,6 +390,11 @@ impl BridgeConn {
         }
         self.flush();
         events
+    }
+
+    /// An unbound bridge must be closed at this time.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.hello_by
     }
 
     pub fn send(&mut self, frame: &ToChannel) {

@@ -1,7 +1,7 @@
 //! The mio shell: one thread, one `Poll`. It turns readiness into engine inputs and engine
 //! outputs into syscalls, and holds no session logic of its own.
 
-mod conn;
+pub mod conn;
 pub mod spawn;
 
 use std::cell::RefCell;
@@ -29,6 +29,10 @@ const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 /// Pause before accepting again after EMFILE/ENFILE (sozu does the same).
 const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+/// Connections over `max_connections` that still get their 503 (then the next are closed at once).
+const REFUSAL_ROOM: usize = 32;
+/// File descriptors synthesis needs besides connections and claude terminals.
+const SPARE_FDS: usize = 32;
 
 /// What a token stands for. Connection tokens double as the engine's `ConnId`s and are never reused.
 enum Source {
@@ -55,8 +59,14 @@ struct Shell {
     self_exe: PathBuf,
     workspace: PathBuf,
     addr: SocketAddr,
-    /// When to look for idle keep-alive connections.
+    /// When to look for idle keep-alive connections and connection deadlines (unbound bridges,
+    /// lingering closes).
     next_idle_check: Instant,
+    /// Client and bridge connections open (counted against `max_connections`).
+    conns: usize,
+    /// Connections that may have a next request to serve (an answer completed or output drained),
+    /// each served once per turn of the loop.
+    pump: Vec<Token>,
     /// `accept` failed for lack of resources: try again after `ACCEPT_RETRY`.
     accept_retry: bool,
     /// The opt-in JSONL trace (`trace_file`).
@@ -80,6 +90,7 @@ impl Shell {
     fn new(config: Config) -> io::Result<Self> {
         let workspace =
             with_context(format!("workspace {}", config.workspace.display()), config.workspace.canonicalize())?;
+        raise_fd_limit(config.max_connections + REFUSAL_ROOM + config.max_processes + SPARE_FDS);
         for dir in [config.state_dir.clone(), config.state_dir.join("tmp")] {
             with_context(format!("state_dir {}", dir.display()), crate::persist::private_dir(&dir))?;
         }
@@ -130,6 +141,8 @@ impl Shell {
             addr,
             accept_retry: false,
             next_idle_check: start,
+            conns: 0,
+            pump: Vec::new(),
             trace,
             dead: Vec::new(),
             exit: false,
@@ -145,6 +158,9 @@ impl Shell {
             }
             let idle_check = self.next_idle_check.saturating_duration_since(Instant::now());
             timeout = Some(timeout.map_or(idle_check, |t| t.min(idle_check)));
+            if !self.pump.is_empty() {
+                timeout = Some(std::time::Duration::ZERO);
+            }
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {} // an empty wake-up
@@ -159,6 +175,11 @@ impl Shell {
             }
             if std::mem::take(&mut self.accept_retry) {
                 self.accept();
+            }
+            for token in std::mem::take(&mut self.pump) {
+                if !self.dead.contains(&token) {
+                    self.on_ready(token);
+                }
             }
             if Instant::now() >= self.next_idle_check {
                 self.close_idle_connections();
@@ -260,37 +281,58 @@ impl Shell {
             self.close(token);
             return;
         }
-        // An answer completed: a pipelined request may be waiting in the buffer.
-        if let Some(ev) = c.next_request(self.config.max_body) {
-            self.on_http_event(token, ev);
+        // An answer completed: the next request may be waiting, in the buffer or in the socket
+        // (edge-triggered: no new readiness comes for bytes already there). Served on the next
+        // turn of the loop, so a long pipeline neither recurses nor starves other connections.
+        if c.take_resume() && !self.pump.contains(&token) {
+            self.pump.push(token);
+        }
+        if let Some(deadline) = c.deadline() {
+            self.next_idle_check = self.next_idle_check.min(deadline);
         }
     }
 
     /// Keep-alive connections with no request for `http_idle_timeout` are closed (a turn being
-    /// answered is never cut: `turn_timeout` bounds those).
+    /// answered is never cut: `turn_timeout` bounds those), and so are connections past their
+    /// deadline: a bridge that did not say `hello` in time, a lingering close that lasts.
     fn close_idle_connections(&mut self) {
         let idle = self.config.http_idle_timeout;
         let now = Instant::now();
-        self.next_idle_check = now + idle / 4;
-        let Some(cutoff) = now.checked_sub(idle) else { return };
-        let stale: Vec<Token> = self
-            .sources
-            .iter()
-            .filter(|(_, s)| matches!(s, Source::Http(c) if c.idle_since_before(cutoff)))
-            .map(|(t, _)| *t)
-            .collect();
+        let cutoff = now.checked_sub(idle);
+        let mut next = now + idle / 4;
+        let mut stale = Vec::new();
+        for (token, source) in &self.sources {
+            let (deadline, idle) = match source {
+                Source::Http(c) => (c.deadline(), cutoff.is_some_and(|cutoff| c.idle_since_before(cutoff))),
+                Source::Bridge(b) => (b.deadline(), false),
+                Source::Terminal(_) => (None, false),
+            };
+            if idle || deadline.is_some_and(|d| d <= now) {
+                stale.push(*token);
+            } else if let Some(d) = deadline {
+                next = next.min(d);
+            }
+        }
+        self.next_idle_check = next;
         for token in stale {
+            if let Some(Source::Bridge(_)) = self.sources.get(&token) {
+                log::warn!("bridge {}: no hello within {:?}, closing", token.0, conn::HELLO_TIMEOUT);
+            }
             self.close(token);
         }
     }
 
     fn accept(&mut self) {
-        let Some(listener) = &self.listener else {
-            return;
-        };
         loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
             match listener.accept() {
                 Ok((mut stream, _)) => {
+                    let max = self.config.max_connections;
+                    if self.conns >= max + REFUSAL_ROOM {
+                        continue; // closed at once: not even room for the 503
+                    }
                     let token = Token(self.next_token);
                     self.next_token += 1;
                     let interest = Interest::READABLE | Interest::WRITABLE;
@@ -299,7 +341,17 @@ impl Shell {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    self.sources.insert(token, Source::Http(HttpConn::new(stream)));
+                    let conn = if self.conns >= max {
+                        log::warn!("{} connections open (max_connections {max}): refusing one with 503", self.conns);
+                        let msg = format!("synthesis has {max} connections open (max_connections); retry shortly");
+                        let err = crate::wire::openai::ApiError::new(503, "too_many_connections", msg).retry_after(1);
+                        HttpConn::refused(stream, &crate::engine::error_response(&err))
+                    } else {
+                        HttpConn::new(stream)
+                    };
+                    self.conns += 1;
+                    self.sources.insert(token, Source::Http(conn));
+                    self.flush_http(token);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -316,7 +368,8 @@ impl Shell {
     fn on_ready(&mut self, token: Token) {
         match self.sources.get_mut(&token) {
             Some(Source::Http(c)) => {
-                let events = c.on_readable(self.config.max_body);
+                let engine = &self.engine;
+                let events = c.on_readable(self.config.max_body, &|req| engine.check_head(req));
                 for ev in events {
                     self.on_http_event(token, ev);
                 }
@@ -350,10 +403,16 @@ impl Shell {
                     Some(mut bridge) => {
                         // Frames may have arrived with the upgrade request.
                         let events = bridge.on_readable();
+                        if let Some(deadline) = bridge.deadline() {
+                            self.next_idle_check = self.next_idle_check.min(deadline);
+                        }
                         self.sources.insert(token, Source::Bridge(bridge));
                         self.on_bridge_events(token, events);
                     }
-                    None => log::warn!("bridge: bad WebSocket upgrade request, dropped"),
+                    None => {
+                        log::warn!("bridge: bad WebSocket upgrade request, dropped");
+                        self.conns -= 1;
+                    }
                 }
             }
             HttpEvent::Closed => self.close(token),
@@ -388,9 +447,11 @@ impl Shell {
         match self.sources.remove(&token) {
             Some(Source::Http(mut c)) => {
                 let _ = self.poll.registry().deregister(&mut c.stream);
+                self.conns -= 1;
             }
             Some(Source::Bridge(mut b)) => {
                 let _ = self.poll.registry().deregister(b.ws.get_mut());
+                self.conns -= 1;
             }
             Some(Source::Terminal(_)) | None => {}
         }
@@ -494,6 +555,29 @@ fn describe_status(status: i32) -> String {
         format!("killed by signal {}", libc::WTERMSIG(status))
     } else {
         format!("wait status {status}")
+    }
+}
+
+/// Raise the soft limit on open files towards `want` (as far as the hard limit allows): the
+/// usual soft limit of 1024 is too low for large `max_connections` or `max_processes`.
+fn raise_fd_limit(want: usize) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= want as libc::rlim_t {
+            return;
+        }
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max.min(want as libc::rlim_t), rlim_max: lim.rlim_max };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            lim = raised;
+        }
+    }
+    if lim.rlim_cur < want as libc::rlim_t {
+        log::warn!(
+            "only {} open files allowed: max_connections and max_processes need about {want}; \
+             lower them or raise the limit (ulimit -n, supervisord minfds)",
+            lim.rlim_cur
+        );
     }
 }
 

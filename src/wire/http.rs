@@ -40,6 +40,15 @@ pub struct Parsed {
     pub keep_alive: bool,
 }
 
+/// A request head: the request without its body, which is `content_length` bytes after `len`.
+#[derive(Debug)]
+pub struct Head {
+    pub request: Request,
+    pub len: usize,
+    pub content_length: usize,
+    pub keep_alive: bool,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum ParseError {
     Malformed(String),
@@ -52,11 +61,24 @@ pub enum ParseError {
 
 /// Try to take one complete request off the front of `buf`. `Ok(None)` means "need more bytes".
 pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<Parsed>, ParseError> {
+    let Some(head) = parse_head(buf, max_body)? else { return Ok(None) };
+    let consumed = head.len + head.content_length;
+    if buf.len() < consumed {
+        return Ok(None);
+    }
+    let mut request = head.request;
+    request.body = String::from_utf8_lossy(&buf[head.len..consumed]).into_owned();
+    Ok(Some(Parsed { request, consumed, keep_alive: head.keep_alive }))
+}
+
+/// Try to parse the request head at the front of `buf`; the body need not be there yet.
+/// A head may take at most `MAX_HEAD` bytes and `MAX_HEADERS` headers.
+pub fn parse_head(buf: &[u8], max_body: usize) -> Result<Option<Head>, ParseError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
+    let head_len = match req.parse(&buf[..buf.len().min(MAX_HEAD)]) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(ParseError::HeadTooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(ParseError::HeadTooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(ParseError::Malformed(e.to_string())),
     };
@@ -79,9 +101,6 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<Parsed>, Pars
     if length > max_body {
         return Err(ParseError::BodyTooLarge(length));
     }
-    if buf.len() < head_len + length {
-        return Ok(None);
-    }
     let connection = find("connection").unwrap_or("").to_ascii_lowercase();
     let keep_alive = match req.version {
         Some(0) => connection.contains("keep-alive"),
@@ -91,9 +110,9 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<Parsed>, Pars
         method: req.method.unwrap_or("").to_string(),
         path: req.path.unwrap_or("").to_string(),
         headers,
-        body: String::from_utf8_lossy(&buf[head_len..head_len + length]).into_owned(),
+        body: String::new(),
     };
-    Ok(Some(Parsed { request, consumed: head_len + length, keep_alive }))
+    Ok(Some(Head { request, len: head_len, content_length: length, keep_alive }))
 }
 
 /// A complete response with a known body.
@@ -212,6 +231,20 @@ mod tests {
         assert!(!parse_request(raw, 10).unwrap().unwrap().keep_alive);
         let raw = b"GET / HTTP/1.0\r\n\r\n";
         assert!(!parse_request(raw, 10).unwrap().unwrap().keep_alive);
+    }
+
+    #[test]
+    fn a_head_is_there_before_its_body_and_is_at_most_max_head() {
+        let raw = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n{}";
+        let head = parse_head(raw, 10).unwrap().unwrap();
+        assert_eq!((head.len, head.content_length, head.request.body.as_str()), (raw.len() - 2, 5, ""));
+        let mut long = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        long.resize(MAX_HEAD - 1, b'a');
+        assert!(parse_head(&long, 10).unwrap().is_none(), "one byte short of the limit: wait");
+        long.push(b'a');
+        assert_eq!(parse_head(&long, 10).unwrap_err(), ParseError::HeadTooLarge);
+        long.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(parse_head(&long, 10).unwrap_err(), ParseError::HeadTooLarge, "a complete head past the limit");
     }
 
     #[test]
