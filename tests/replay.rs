@@ -26,7 +26,8 @@ fn json_turn_from_spawn_to_answer() {
     let mut s = Script::new(settings());
     assert_eq!(s.input(chat(10, "sess-a", "hello there", false)), vec![spawn_of(1, UUID1, "t3", "t4")]);
     assert_eq!(s.start_process(1, 4242, 100, "t3"), vec![deliver(100, "chat-1", "hello there")]);
-    assert!(s.input(reply(100, "chat-1", "echo: hello there")).is_empty(), "non-streamed: nothing until the end");
+    let out = s.input(reply(100, "chat-1", "echo: hello there"));
+    assert_eq!(out, vec![replied(100, 1)], "non-streamed: nothing but the acknowledgement until the end");
     let out = s.input(stop_hook(20, "t4", Some("ignored, there was a reply")));
     assert_eq!(out.len(), 2);
     assert_eq!(out[0], hook_ok(20));
@@ -651,4 +652,64 @@ fn sessions_unused_for_30_days_are_forgotten_at_the_sweep() {
     s.advance(Duration::from_secs(60));
     let keys: Vec<String> = s.saved.last().unwrap().iter().map(|r| r.key.clone()).collect();
     assert_eq!(keys, ["a", "recent"]);
+}
+
+#[test]
+fn a_reply_is_acknowledged_after_it_became_part_of_the_answer() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "hi", true));
+    s.start_process(1, 7, 100, "t3");
+    let out = s.input(reply_seq(100, 7, "chat-1", "hello"));
+    assert_eq!(out.len(), 2);
+    assert!(matches!(&out[0], Output::StreamData { conn: 10, data } if data.contains("hello")));
+    assert_eq!(out[1], replied(100, 7), "claude may end its turn only once the reply is taken");
+}
+
+#[test]
+fn a_reply_naming_an_earlier_chat_id_during_a_turn_belongs_to_that_turn() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "one", false));
+    s.start_process(1, 7, 100, "t3");
+    s.input(reply(100, "chat-1", "first"));
+    s.input(stop_hook(20, "t4", None));
+    s.input(chat(11, "a", "two", false));
+    // Claude copied the old chat_id: with the acknowledgement, no reply of chat-1 can still be
+    // on its way (its Stop came after all of them), so this is chat-2's answer.
+    assert_eq!(s.input(reply_seq(100, 2, "chat-1", "second")), vec![replied(100, 2)]);
+    let out = s.input(stop_hook(21, "t4", None));
+    assert_eq!(response(&out[1]).2["choices"][0]["message"]["content"], "second");
+}
+
+#[test]
+fn a_late_reply_after_its_turn_was_answered_is_dropped_and_never_shifts_the_next_answer() {
+    let mut s = Script::new(settings()); // turn_timeout 300 s, settle 500 ms
+    s.input(chat(10, "a", "slow", false));
+    s.start_process(1, 7, 100, "t3");
+    s.input(prompt_hook(21, "t4", "chat-1"));
+    s.input(chat(11, "a", "next", false));
+    let out = s.advance(Duration::from_secs(300));
+    assert_eq!(response(&out[1]).1, 504);
+    // The interrupted turn's reply arrives while nothing is in flight: acknowledged, dropped.
+    assert_eq!(s.input(reply_seq(100, 1, "chat-1", "slow answer")), vec![replied(100, 1)]);
+    assert_eq!(s.advance(Duration::from_millis(500)), vec![deliver(100, "chat-2", "next")]);
+    // ... and once more during the next turn: still not the next turn's.
+    assert_eq!(s.input(reply_seq(100, 2, "chat-1", "slow answer again")), vec![replied(100, 2)]);
+    s.input(reply_seq(100, 3, "chat-2", "echo: next"));
+    let out = s.input(stop_hook(20, "t4", Some("Replied.")));
+    assert_eq!(response(&out[1]).2["choices"][0]["message"]["content"], "echo: next");
+}
+
+#[test]
+fn a_stop_without_a_reply_answers_with_the_last_message_and_a_reply_after_it_is_dropped() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "one", false));
+    s.start_process(1, 7, 100, "t3");
+    let out = s.input(stop_hook(20, "t4", Some("Replied.")));
+    assert_eq!(response(&out[1]).2["choices"][0]["message"]["content"], "Replied.");
+    // A reply arriving after the Stop with no turn in flight is nobody's.
+    assert_eq!(s.input(reply_seq(100, 1, "chat-1", "echo: one")), vec![replied(100, 1)]);
+    s.input(chat(11, "a", "two", false));
+    s.input(reply_seq(100, 2, "chat-2", "echo: two"));
+    let out = s.input(stop_hook(21, "t4", Some("Replied.")));
+    assert_eq!(response(&out[1]).2["choices"][0]["message"]["content"], "echo: two");
 }

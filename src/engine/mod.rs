@@ -6,6 +6,7 @@
 //! and every effect on the world is an `Output`.
 
 mod api;
+mod clock;
 mod openclaw;
 mod permissions;
 pub use api::{session_key, HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
@@ -280,6 +281,23 @@ impl Settings {
     }
 }
 
+/// The engine's whole state, without its settings and identifier source: what an in-place
+/// upgrade hands to the new image (`Engine::export` / `Engine::import`).
+#[derive(Serialize, Deserialize)]
+struct State {
+    sessions: BTreeMap<String, Session>,
+    procs: BTreeMap<ProcId, Process>,
+    next_proc: ProcId,
+    waiting: HashMap<ConnId, String>,
+    bridges: HashMap<ConnId, ProcId>,
+    slot_waiters: VecDeque<String>,
+    #[serde(with = "clock::at")]
+    next_sweep: Instant,
+    shutdown: Shutdown,
+    sessions_dirty: bool,
+    unix_secs: u64,
+}
+
 pub struct Engine {
     settings: Settings,
     ids: Box<dyn Ids>,
@@ -319,6 +337,48 @@ impl Engine {
             unix_secs: 0,
             outputs: VecDeque::new(),
         }
+    }
+
+    /// The whole state as JSON, deadlines relative to `now`, for `import` in a new image. The
+    /// engine is unchanged (if the hand-over fails, it simply goes on).
+    pub fn export(&mut self, now: Instant) -> String {
+        let state = State {
+            sessions: std::mem::take(&mut self.sessions),
+            procs: std::mem::take(&mut self.procs),
+            next_proc: self.next_proc,
+            waiting: std::mem::take(&mut self.waiting),
+            bridges: std::mem::take(&mut self.bridges),
+            slot_waiters: std::mem::take(&mut self.slot_waiters),
+            next_sweep: self.next_sweep,
+            shutdown: self.shutdown,
+            sessions_dirty: self.sessions_dirty,
+            unix_secs: self.unix_secs,
+        };
+        let json = clock::with_base(now, || serde_json::to_string(&state)).expect("engine state serialises");
+        self.put_back(state);
+        json
+    }
+
+    /// An engine continuing from `export`ed state, with (possibly new) settings.
+    pub fn import(settings: Settings, ids: Box<dyn Ids>, now: Instant, json: &str) -> Result<Self, String> {
+        let state: State = clock::with_base(now, || serde_json::from_str(json))
+            .map_err(|e| format!("unreadable engine state: {e}"))?;
+        let mut engine = Engine::new(settings, ids, now);
+        engine.put_back(state);
+        Ok(engine)
+    }
+
+    fn put_back(&mut self, state: State) {
+        self.sessions = state.sessions;
+        self.procs = state.procs;
+        self.next_proc = state.next_proc;
+        self.waiting = state.waiting;
+        self.bridges = state.bridges;
+        self.slot_waiters = state.slot_waiters;
+        self.next_sweep = state.next_sweep;
+        self.shutdown = state.shutdown;
+        self.sessions_dirty = state.sessions_dirty;
+        self.unix_secs = state.unix_secs;
     }
 
     /// Sessions known from an earlier run: their next process resumes their Claude session.
@@ -378,6 +438,11 @@ impl Engine {
     }
 
     fn on_shutdown(&mut self, now: Instant) {
+        if let Shutdown::Draining(_) = self.shutdown {
+            log::warn!("second shutdown signal: stopping every claude now");
+            self.stop_everything(now);
+            return;
+        }
         if self.shutdown != Shutdown::Running {
             return;
         }
@@ -450,11 +515,11 @@ impl Engine {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Shutdown {
     Running,
     /// Turns in flight may finish until this deadline.
-    Draining(Instant),
+    Draining(#[serde(with = "clock::at")] Instant),
     /// Every process has been told to stop; exit when the last is reaped.
     Stopping,
 }
