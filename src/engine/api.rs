@@ -89,7 +89,7 @@ impl Engine {
             p.idle_secs = 0; // a turn is in flight or queued
         }
         processes.sort_by_key(|p| p.id);
-        StatusReport { shutting_down: self.shutting_down(), sessions, processes }
+        StatusReport { shutting_down: self.shutting_down(), save_error: self.save_error.clone(), sessions, processes }
     }
 
     fn models(&self) -> Response {

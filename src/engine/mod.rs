@@ -18,7 +18,7 @@ mod tools;
 mod turn;
 pub use turn::error_response;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -74,6 +74,10 @@ pub enum Input {
     Exited {
         proc: ProcId,
         status: String,
+    },
+    /// How the last `SaveSessions` went: `error` when the map could not be written.
+    Saved {
+        error: Option<String>,
     },
     /// SIGTERM or SIGINT.
     Shutdown,
@@ -167,6 +171,8 @@ pub struct SessionRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub shutting_down: bool,
+    /// Why the session map could not be saved last time (retried at each idle sweep).
+    pub save_error: Option<String>,
     pub sessions: Vec<SessionStatus>,
     pub processes: Vec<ProcessStatus>,
 }
@@ -288,13 +294,14 @@ struct State {
     sessions: BTreeMap<String, Session>,
     procs: BTreeMap<ProcId, Process>,
     next_proc: ProcId,
-    waiting: HashMap<ConnId, String>,
-    bridges: HashMap<ConnId, ProcId>,
+    waiting: BTreeMap<ConnId, String>,
+    bridges: BTreeMap<ConnId, ProcId>,
     slot_waiters: VecDeque<String>,
     #[serde(with = "clock::at")]
     next_sweep: Instant,
     shutdown: Shutdown,
     sessions_dirty: bool,
+    save_error: Option<String>,
     unix_secs: u64,
 }
 
@@ -306,15 +313,17 @@ pub struct Engine {
     procs: BTreeMap<ProcId, Process>,
     next_proc: ProcId,
     /// Client connection → key of the session whose turn it waits for.
-    waiting: HashMap<ConnId, String>,
+    waiting: BTreeMap<ConnId, String>,
     /// Bound bridge connection → its process.
-    bridges: HashMap<ConnId, ProcId>,
+    bridges: BTreeMap<ConnId, ProcId>,
     /// Sessions waiting for a process slot to free up, oldest first.
     slot_waiters: VecDeque<String>,
     next_sweep: Instant,
     shutdown: Shutdown,
     /// Session timestamps changed since the map was last saved.
     sessions_dirty: bool,
+    /// The last save failed (full disk, read-only state_dir): the map stays dirty.
+    save_error: Option<String>,
     /// Newest wall-clock time seen (unix seconds, from requests): the engine has no clock.
     unix_secs: u64,
     outputs: VecDeque<Output>,
@@ -329,11 +338,12 @@ impl Engine {
             sessions: BTreeMap::new(),
             procs: BTreeMap::new(),
             next_proc: 1,
-            waiting: HashMap::new(),
-            bridges: HashMap::new(),
+            waiting: BTreeMap::new(),
+            bridges: BTreeMap::new(),
             slot_waiters: VecDeque::new(),
             shutdown: Shutdown::Running,
             sessions_dirty: false,
+            save_error: None,
             unix_secs: 0,
             outputs: VecDeque::new(),
         }
@@ -352,6 +362,7 @@ impl Engine {
             next_sweep: self.next_sweep,
             shutdown: self.shutdown,
             sessions_dirty: self.sessions_dirty,
+            save_error: self.save_error.clone(),
             unix_secs: self.unix_secs,
         };
         let json = clock::with_base(now, || serde_json::to_string(&state)).expect("engine state serialises");
@@ -378,6 +389,7 @@ impl Engine {
         self.next_sweep = state.next_sweep;
         self.shutdown = state.shutdown;
         self.sessions_dirty = state.sessions_dirty;
+        self.save_error = state.save_error;
         self.unix_secs = state.unix_secs;
     }
 
@@ -401,6 +413,7 @@ impl Engine {
             Input::SpawnFailed { proc, error } => self.on_spawn_failed(now, proc, error),
             Input::Terminal { proc, text } => self.on_terminal(now, proc, &text),
             Input::Exited { proc, status } => self.on_exited(now, proc, &status),
+            Input::Saved { error } => self.on_saved(error),
             Input::Shutdown => self.on_shutdown(now),
             Input::Tick => self.on_tick(now),
         }
@@ -500,6 +513,17 @@ impl Engine {
         self.push(Output::SaveSessions { sessions });
     }
 
+    /// A failed save keeps the map dirty, so the next sweep writes it again; nothing is lost
+    /// silently, and `/status` says why.
+    fn on_saved(&mut self, error: Option<String>) {
+        if error.is_some() {
+            self.sessions_dirty = true;
+        } else if self.save_error.is_some() {
+            log::info!("the session map is saved again");
+        }
+        self.save_error = error;
+    }
+
     fn save_sessions_if_dirty(&mut self) {
         if self.sessions_dirty {
             self.save_sessions();
@@ -510,7 +534,8 @@ impl Engine {
         self.outputs.push_back(out);
     }
 
-    fn shutting_down(&self) -> bool {
+    /// Draining or stopping after SIGTERM/SIGINT.
+    pub fn shutting_down(&self) -> bool {
         self.shutdown != Shutdown::Running
     }
 }
