@@ -263,3 +263,21 @@ fn an_identical_retry_after_many_turns_gets_the_same_answer_without_a_second_del
     assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: first");
     assert_eq!(d.delivered().len(), 7, "the retry did not reach claude again");
 }
+
+#[test]
+fn after_an_upgrade_bound_bridges_stay_bound_and_unbound_ones_still_must_say_hello() {
+    let d = Daemon::start("hostileupgrade", "", &[]);
+    assert_eq!(d.client().chat("a", "hello", false).status, 200);
+    let claudes = d.claude_pids();
+    let mut unbound = upgrade(d.port);
+    d.signal(libc::SIGHUP);
+    d.wait_log("upgraded in place");
+    // The unbound socket is closed by the new image once its hello time is up...
+    assert!(closed_by_server(&mut unbound));
+    d.wait_log("no hello within");
+    // ... and by then the bound channel (handed over as well) would have been cut if it had
+    // been taken for an unbound one: its claude still answers.
+    let r = d.client().chat("a", "after the upgrade", false);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: after the upgrade");
+    assert_eq!(d.claude_pids(), claudes, "no claude was restarted");
+}

@@ -19,6 +19,9 @@ impl Engine {
         let path = req.path.split('?').next().unwrap_or("");
         let result = match (req.method.as_str(), path) {
             ("GET", "/healthz") => Ok(Some(Response::json(200, json!({"status": "ok"}).to_string()))),
+            // Readiness for load balancers: not ready once draining, so no new session comes here.
+            ("GET", "/readyz") if self.shutting_down() => Err(shutting_down()),
+            ("GET", "/readyz") => Ok(Some(Response::json(200, json!({"status": "ready"}).to_string()))),
             ("GET", "/v1/models") => self.authorize(&req).map(|()| Some(self.models())),
             ("GET", "/status") => self.authorize(&req).map(|()| {
                 let report = self.status(now);
@@ -31,9 +34,16 @@ impl Engine {
             ("POST", HOOK_STOP) => self.hook(now, conn, &req, Hook::Stop).map(|()| None),
             ("POST", HOOK_STOP_FAILURE) => self.hook(now, conn, &req, Hook::StopFailure).map(|()| None),
             ("POST", HOOK_PROMPT) => self.hook(now, conn, &req, Hook::PromptSubmit).map(|()| None),
-            (_, "/healthz" | "/v1/models" | "/v1/chat/completions" | HOOK_STOP | HOOK_STOP_FAILURE | HOOK_PROMPT) => {
-                Err(ApiError::new(405, "method_not_allowed", format!("{} is not allowed on {path}", req.method)))
-            }
+            (
+                _,
+                "/healthz"
+                | "/readyz"
+                | "/v1/models"
+                | "/v1/chat/completions"
+                | HOOK_STOP
+                | HOOK_STOP_FAILURE
+                | HOOK_PROMPT,
+            ) => Err(ApiError::new(405, "method_not_allowed", format!("{} is not allowed on {path}", req.method))),
             _ => Err(ApiError::new(404, "not_found", format!("no such endpoint: {} {path}", req.method))),
         };
         match result {
@@ -45,10 +55,11 @@ impl Engine {
 
     /// Whether the body of a request may be read, decided on its head (the shell asks before
     /// buffering the body): without the API key or a known hook token, the answer is a 401 at
-    /// once. The engine checks again when the whole request arrives.
+    /// once. The engine checks again when the whole request arrives. Only the probes are open
+    /// to all (any other path needs the key, even to learn that it does not exist).
     pub fn check_head(&self, req: &Request) -> Result<(), ApiError> {
         match req.path.split('?').next().unwrap_or("") {
-            "/healthz" => Ok(()),
+            "/healthz" | "/readyz" => Ok(()),
             HOOK_STOP | HOOK_STOP_FAILURE | HOOK_PROMPT => self.hook_process(req).map(|_| ()),
             _ => self.authorize(req),
         }
@@ -96,7 +107,7 @@ impl Engine {
             p.idle_secs = 0; // a turn is in flight or queued
         }
         processes.sort_by_key(|p| p.id);
-        StatusReport { shutting_down: self.shutting_down(), sessions, processes }
+        StatusReport { shutting_down: self.shutting_down(), save_error: self.save_error.clone(), sessions, processes }
     }
 
     fn models(&self) -> Response {
@@ -107,7 +118,7 @@ impl Engine {
     /// Admit a chat-completions request; the answer comes later.
     fn chat(&mut self, now: Instant, conn: ConnId, req: &Request, unix_secs: u64) -> Result<(), ApiError> {
         if self.shutting_down() {
-            return Err(ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5));
+            return Err(shutting_down());
         }
         let body: ChatRequest = serde_json::from_str(&req.body).map_err(|e| {
             let what = if e.is_data() { "is not a chat completions request" } else { "is not valid JSON" };
@@ -193,4 +204,9 @@ pub fn session_key(req: &Request, body: &ChatRequest) -> Result<String, ApiError
                  and compat.supportsPromptCacheKey on the model), or prompt_cache_key or user in the body",
         )
     })
+}
+
+/// The answer to new work while draining: safe to retry elsewhere, it never reached Claude.
+pub(super) fn shutting_down() -> ApiError {
+    ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5)
 }

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::openclaw::compaction_key;
-use super::session::RECENT_TTL;
+use super::session::{Recent, RECENT_TTL};
 use super::Engine;
 use crate::wire::openai::ApiError;
 
@@ -35,13 +35,13 @@ pub fn add_alias(aliases: &mut Vec<String>, key: &str) {
 
 /// Keep `text` as the answer to the request with `fingerprint`, newest first, within
 /// `RECENT_TTL`, `RECENT_MAX` answers and `RECENT_MAX_BYTES`.
-pub fn remember(recent: &mut VecDeque<(u64, String, Instant)>, fingerprint: u64, text: String, now: Instant) {
-    recent.retain(|(f, _, at)| *f != fingerprint && now.duration_since(*at) < RECENT_TTL);
-    recent.push_front((fingerprint, text, now));
+pub fn remember(recent: &mut VecDeque<Recent>, fingerprint: u64, answer: String, now: Instant) {
+    recent.retain(|r| r.fingerprint != fingerprint && now.duration_since(r.at) < RECENT_TTL);
+    recent.push_front(Recent { fingerprint, answer, at: now });
     recent.truncate(RECENT_MAX);
-    let mut bytes: usize = recent.iter().map(|r| r.1.len()).sum();
+    let mut bytes: usize = recent.iter().map(|r| r.answer.len()).sum();
     while bytes > RECENT_MAX_BYTES && recent.len() > 1 {
-        bytes -= recent.pop_back().map_or(0, |r| r.1.len());
+        bytes -= recent.pop_back().map_or(0, |r| r.answer.len());
     }
 }
 
@@ -92,6 +92,11 @@ impl Engine {
         }
     }
 
+    /// Whether the bridge connection `conn` is bound to a process (its `hello` was accepted).
+    pub fn bridge_bound(&self, conn: super::ConnId) -> bool {
+        self.bridges.contains_key(&conn)
+    }
+
     pub fn stats(&self) -> Stats {
         let sessions = self.sessions.values();
         Stats {
@@ -103,7 +108,7 @@ impl Engine {
             queued: sessions.clone().map(|s| s.queue.len()).sum(),
             aliases: sessions.clone().map(|s| s.aliases.len()).sum(),
             recent_answers: sessions.clone().map(|s| s.recent.len()).sum(),
-            recent_bytes: sessions.flat_map(|s| &s.recent).map(|r| r.1.len()).sum(),
+            recent_bytes: sessions.flat_map(|s| &s.recent).map(|r| r.answer.len()).sum(),
         }
     }
 }

@@ -2,9 +2,11 @@
 //! upgrade on `/bridge`, the WebSocket of a channel.
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+use serde::{Deserialize, Serialize};
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tungstenite::Message;
 
@@ -305,9 +307,67 @@ impl<S: Stream> HttpConn<S> {
         let accept = http::websocket_accept(req)?;
         // The 101 is tiny; a fresh socket's send buffer always takes it.
         stream.write_all(&accept).ok()?;
-        let ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(bridge_config(HELLO_MAX)));
-        Some(BridgeConn { ws, hello_by: Some(Instant::now() + HELLO_TIMEOUT) })
+        Some(BridgeConn::on(stream, rest, false))
     }
+}
+
+impl HttpConn<TcpStream> {
+    /// What an in-place upgrade hands over (the socket itself travels as `fd`). A head being
+    /// received is still in `inbuf`, and is checked again by the new image.
+    pub fn snapshot(&self, token: usize, now: Instant) -> HttpSnapshot {
+        HttpSnapshot {
+            token,
+            fd: self.stream.as_raw_fd(),
+            inbuf: self.inbuf.clone(),
+            outbuf: self.outbuf.clone(),
+            busy: self.busy,
+            idle_ms: now.saturating_duration_since(self.last_active).as_millis() as u64,
+            keep_alive: self.keep_alive,
+            closing: self.closing,
+            lingering: self.lingering,
+            eof: self.eof,
+            skip: self.skip,
+            shut: self.linger_until.is_some(),
+        }
+    }
+
+    /// The connection of `snapshot`, on its socket, in a new image.
+    pub fn resume(stream: TcpStream, snapshot: HttpSnapshot, now: Instant) -> Self {
+        HttpConn {
+            stream,
+            inbuf: snapshot.inbuf,
+            outbuf: snapshot.outbuf,
+            head: None,
+            skip: snapshot.skip,
+            busy: snapshot.busy,
+            last_active: now.checked_sub(Duration::from_millis(snapshot.idle_ms)).unwrap_or(now),
+            keep_alive: snapshot.keep_alive,
+            closing: snapshot.closing,
+            lingering: snapshot.lingering,
+            linger_until: snapshot.shut.then_some(now + LINGER_TIME),
+            eof: snapshot.eof,
+            resume: true,
+        }
+    }
+}
+
+/// An HTTP connection as handed to a new image on upgrade.
+#[derive(Serialize, Deserialize)]
+pub struct HttpSnapshot {
+    pub token: usize,
+    pub fd: RawFd,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    busy: bool,
+    idle_ms: u64,
+    keep_alive: bool,
+    closing: bool,
+    lingering: usize,
+    eof: bool,
+    #[serde(default)]
+    skip: usize,
+    #[serde(default)]
+    shut: bool,
 }
 
 /// A new bridge must say `hello` within this time...
@@ -354,6 +414,16 @@ pub enum BridgeEvent {
 }
 
 impl<S: Read + Write> BridgeConn<S> {
+    /// A bridge WebSocket on `stream`, after the upgrade handshake (`read`: bytes already read).
+    /// Unless `bound` (handed over by the previous image), its first frame must be a `hello`.
+    pub fn on(stream: S, read: Vec<u8>, bound: bool) -> Self {
+        let (max, hello_by) = if bound { (FRAME_MAX, None) } else { (HELLO_MAX, Some(Instant::now() + HELLO_TIMEOUT)) };
+        BridgeConn {
+            ws: WebSocket::from_partially_read(stream, read, Role::Server, Some(bridge_config(max))),
+            hello_by,
+        }
+    }
+
     pub fn on_readable(&mut self) -> Vec<BridgeEvent> {
         let mut events = Vec::new();
         loop {
