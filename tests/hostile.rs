@@ -157,3 +157,14 @@ fn refused_requests_leave_no_session_behind() {
     assert_eq!(s.engine.stats().sessions, 1, "{:?}", s.engine.stats());
     assert!(s.saved.iter().all(|saved| saved.len() <= 2), "sessions.json never grew past two entries");
 }
+
+#[test]
+fn a_bound_bridge_that_says_hello_again_is_cut_off_with_its_process() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "hello", false));
+    s.start_process(1, 7, 100, "t3");
+    let out = s.input(hello(100, "t999"));
+    assert_eq!(out[0], Output::CloseBridge { conn: 100 });
+    assert!(out.contains(&Output::Signal { proc: 1, signal: synthesis::engine::Signal::Term }), "{out:?}");
+    assert_eq!(s.engine.stats().bridges, 0, "the engine does not keep a binding to a closed socket");
+}

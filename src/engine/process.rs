@@ -318,6 +318,8 @@ impl Engine {
         let Some((&id, p)) = found.filter(|_| v == bridge::VERSION) else {
             log::warn!("bridge {conn}: hello with an unknown or used token or version {v}, closing");
             self.push(Output::CloseBridge { conn });
+            // A bound socket saying hello again is cut off too: its process loses its channel.
+            self.on_bridge_closed(now, conn);
             return;
         };
         p.bridge = Some(conn);

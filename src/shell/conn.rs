@@ -287,6 +287,11 @@ impl<S: Stream> HttpConn<S> {
         !self.eof || self.busy
     }
 
+    /// Bytes buffered: (received, not yet written).
+    pub fn buffered(&self) -> (usize, usize) {
+        (self.inbuf.len(), self.outbuf.len())
+    }
+
     /// True once after an answer completed or the output drained (see `resume`).
     pub fn take_resume(&mut self) -> bool {
         std::mem::take(&mut self.resume)
