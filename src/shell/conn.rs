@@ -61,6 +61,9 @@ pub struct HttpConn<S = TcpStream> {
     /// An answer completed or the output drained: the next request may be waiting, in the
     /// buffer or in the socket (whose readiness edge may be long gone).
     resume: bool,
+    /// Reading last stopped at the buffer limit, not at `WouldBlock`: the socket may hold more,
+    /// and no readiness edge will say so.
+    stalled: bool,
 }
 
 /// Bytes discarded while lingering before giving up on a client that keeps sending.
@@ -89,6 +92,7 @@ impl<S: Stream> HttpConn<S> {
             linger_until: None,
             eof: false,
             resume: false,
+            stalled: false,
         }
     }
 
@@ -145,9 +149,11 @@ impl<S: Stream> HttpConn<S> {
     /// Read until the socket would block or ends, or `inbuf` is at its limit (true).
     fn fill(&mut self) -> bool {
         let mut buf = [0u8; READ_CHUNK];
+        self.stalled = false;
         while !self.eof && self.lingering < LINGER_LIMIT {
             let room = self.room();
             if room == 0 {
+                self.stalled = true;
                 return true;
             }
             match self.stream.read(&mut buf[..room.min(READ_CHUNK)]) {
@@ -191,10 +197,11 @@ impl<S: Stream> HttpConn<S> {
             }
             if let Err(err) = gate(req) {
                 // Answered at once; the body is dropped as it comes, and the connection goes on.
-                log::warn!("rejecting {} {} on its head: {}", req.method, req.path, err.message);
+                log::debug!("refusing {} {} on its head: {}", req.method, req.path, err.message);
                 let total = head.len + head.content_length;
                 let buffered = total.min(self.inbuf.len());
                 self.inbuf.drain(..buffered);
+                self.release_inbuf();
                 self.skip = total - buffered;
                 self.keep_alive = head.keep_alive;
                 self.respond(&crate::engine::error_response(&err));
@@ -212,11 +219,20 @@ impl<S: Stream> HttpConn<S> {
         let mut request = head.request;
         request.body = String::from_utf8_lossy(&self.inbuf[head.len..total]).into_owned();
         self.inbuf.drain(..total);
-        self.inbuf.shrink_to(http::MAX_HEAD); // a big body's room is not kept for the next request
+        self.release_inbuf();
         self.keep_alive = head.keep_alive;
         self.busy = true;
         self.last_active = Instant::now();
         Some(HttpEvent::Request(request))
+    }
+
+    /// A request's room is not kept for the next one: an idle keep-alive connection holds no buffer.
+    fn release_inbuf(&mut self) {
+        if self.inbuf.is_empty() {
+            self.inbuf = Vec::new();
+        } else {
+            self.inbuf.shrink_to(READ_CHUNK);
+        }
     }
 
     /// Answer `err` and close, discarding whatever else the client sends.
@@ -292,9 +308,10 @@ impl<S: Stream> HttpConn<S> {
         (self.inbuf.len(), self.outbuf.len())
     }
 
-    /// True once after an answer completed or the output drained (see `resume`).
+    /// True once after an answer completed or the output drained (see `resume`), if a next
+    /// request may be waiting: in the buffer, or in the socket behind a full buffer.
     pub fn take_resume(&mut self) -> bool {
-        std::mem::take(&mut self.resume)
+        std::mem::take(&mut self.resume) && (self.stalled || !self.inbuf.is_empty())
     }
 
     /// When the connection must be closed whatever happens (a lingering close that lasts).
@@ -352,6 +369,7 @@ impl HttpConn<TcpStream> {
             linger_until: snapshot.shut.then_some(now + LINGER_TIME),
             eof: snapshot.eof,
             resume: true,
+            stalled: true,
         }
     }
 }

@@ -68,6 +68,8 @@ struct Shell {
     next_idle_check: Instant,
     /// Client and bridge connections open (counted against `max_connections`).
     conns: usize,
+    /// At the cap: new connections are refused (logged once per episode).
+    refusing: bool,
     /// Connections that may have a next request to serve (an answer completed or output drained),
     /// each served once per turn of the loop.
     pump: Vec<Token>,
@@ -214,6 +216,7 @@ impl Shell {
             accept_retry: false,
             next_idle_check: start,
             conns: 0,
+            refusing: false,
             pump: Vec::new(),
             trace,
             dead: Vec::new(),
@@ -436,8 +439,16 @@ impl Shell {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let conn = if self.conns >= max {
-                        log::warn!("{} connections open (max_connections {max}): refusing one with 503", self.conns);
+                    let full = self.conns >= max;
+                    if full != self.refusing {
+                        self.refusing = full;
+                        if full {
+                            log::warn!("{max} connections open (max_connections): refusing new ones with 503");
+                        } else {
+                            log::info!("below max_connections again: accepting connections");
+                        }
+                    }
+                    let conn = if full {
                         let msg = format!("synthesis has {max} connections open (max_connections); retry shortly");
                         let err = crate::wire::openai::ApiError::new(503, "too_many_connections", msg).retry_after(1);
                         HttpConn::refused(stream, &crate::engine::error_response(&err))
