@@ -91,6 +91,8 @@ mod tests {
             last_used: 2,
             aliases: vec![],
             system_hash: None,
+            answers: vec![],
+            heard: vec![],
         }];
         save(&d, &recs).unwrap();
         assert_eq!(load(&d, 0), recs);

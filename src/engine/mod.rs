@@ -6,6 +6,8 @@
 //! and every effect on the world is an `Output`.
 
 mod api;
+pub mod attachments;
+pub mod history;
 mod openclaw;
 mod permissions;
 pub use api::{session_key, HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
@@ -138,6 +140,17 @@ pub enum Output {
     SaveSessions {
         sessions: Vec<SessionRecord>,
     },
+    /// Write an image or file from a request, for the message that names it: directories 0700,
+    /// the file 0600. Sent right before that message is delivered.
+    WriteAttachment {
+        path: String,
+        #[serde(with = "crate::wire::base64::serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// A session was forgotten: delete its attachments directory.
+    RemoveAttachments {
+        dir: String,
+    },
     /// Answer `GET /status` after adding each process's RSS.
     Status {
         conn: ConnId,
@@ -161,6 +174,12 @@ pub struct SessionRecord {
     /// Hash of the client system prompt this Claude session has seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_hash: Option<u64>,
+    /// Fingerprints of the answers this Claude session gave, newest last (no texts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<u64>,
+    /// Fingerprints of what was delivered to it since its last answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heard: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +272,8 @@ pub struct Settings {
     pub tools_allow: Vec<String>,
     pub tools_deny: Vec<String>,
     pub permissions: Permissions,
+    /// Absolute directory for images and files from requests (`<state_dir>/attachments`).
+    pub attachments_dir: String,
 }
 
 impl Settings {
@@ -276,6 +297,11 @@ impl Settings {
             tools_allow: c.tools_allow.clone(),
             tools_deny: c.tools_deny.clone(),
             permissions: c.permissions,
+            attachments_dir: std::path::absolute(&c.state_dir)
+                .unwrap_or_else(|_| c.state_dir.clone())
+                .join("attachments")
+                .to_string_lossy()
+                .into_owned(),
         }
     }
 }
@@ -416,7 +442,17 @@ impl Engine {
     fn forget_old_sessions(&mut self) {
         let cutoff = self.unix_secs.saturating_sub(SESSION_RETENTION.as_secs());
         let before = self.sessions.len();
-        self.sessions.retain(|_, s| s.proc.is_some() || !s.is_idle() || s.wants_slot || s.last_used >= cutoff);
+        let mut forgotten = Vec::new();
+        self.sessions.retain(|key, s| {
+            let keep = s.proc.is_some() || !s.is_idle() || s.wants_slot || s.last_used >= cutoff;
+            if !keep {
+                forgotten.push(attachments::session_dir(&self.settings.attachments_dir, key));
+            }
+            keep
+        });
+        for dir in forgotten {
+            self.push(Output::RemoveAttachments { dir });
+        }
         if self.sessions.len() < before {
             log::info!(
                 "forgot {} sessions unused for {} days",

@@ -230,6 +230,16 @@ impl Shell {
                     log::error!("cannot save the session map in {}: {e}", self.config.state_dir.display());
                 }
             }
+            Output::WriteAttachment { path, bytes } => {
+                if let Err(e) = crate::attachments::write(std::path::Path::new(&path), &bytes) {
+                    log::error!("cannot write attachment {path}: {e}");
+                }
+            }
+            Output::RemoveAttachments { dir } => {
+                if let Err(e) = crate::attachments::remove(std::path::Path::new(&dir)) {
+                    log::error!("cannot remove attachments {dir}: {e}");
+                }
+            }
             Output::Status { conn, mut report } => {
                 for p in &mut report.processes {
                     p.rss_kib = p.pid.and_then(rss_kib);
