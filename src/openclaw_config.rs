@@ -16,7 +16,9 @@ pub fn provider_json(c: &Config) -> Value {
             "api": "openai-completions",
             "timeoutSeconds": 3600,
             "models": [{
-                "id": c.model, "name": "Claude Code (synthesis)", "reasoning": false, "input": ["text"],
+                "id": c.model, "name": "Claude Code (synthesis)", "reasoning": false,
+                // Images arrive as data: URLs and reach Claude as files it reads.
+                "input": ["text", "image"],
                 "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
                 "contextWindow": 200000, "maxTokens": 32000,
                 // Without these OpenClaw sends nothing that identifies the session.
@@ -40,6 +42,7 @@ mod tests {
         assert_eq!(p["apiKey"], "sekrit");
         assert_eq!(p["models"][0]["id"], "cc");
         assert_eq!(p["models"][0]["compat"]["sendSessionAffinityHeaders"], true);
+        assert_eq!(p["models"][0]["input"], json!(["text", "image"]), "else OpenClaw sends images elsewhere");
         assert_eq!(j["agents"]["defaults"]["model"]["primary"], "synthesis-claude-bridge/cc");
     }
 }
