@@ -5,7 +5,18 @@
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// `<state_dir>/attachments`, absolute: the channel message names files under it.
+pub fn dir(state_dir: &Path) -> PathBuf {
+    std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf()).join("attachments")
+}
+
+/// The Claude Code permission rule that lets Claude Read the attachments (and nothing else
+/// outside its workspace) without a permission prompt. An absolute path is written `//path`.
+pub fn read_rule(state_dir: &Path) -> String {
+    format!("Read(/{}/**)", dir(state_dir).display())
+}
 
 /// Write `bytes` at `path`. Names are content hashes, so a file that is already there with the
 /// same size is the same file and is left alone.

@@ -340,3 +340,58 @@ fn a_tool_added_mid_session_reaches_claude() {
     let call = &r.json()["choices"][0]["message"]["tool_calls"][0];
     assert_eq!(call["function"]["name"], "cat", "{}", r.body);
 }
+
+/// A 1×1 PNG.
+const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn an_image_reaches_the_model_as_an_image_block_after_claude_reads_it() {
+    // Default settings: synthesis lets Claude Read its attachments without a permission prompt.
+    let real = Real::start("image");
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [("authorization", auth.as_str()), ("x-session-affinity", "img:0")];
+    let parts = json!([
+        {"type": "text", "text": "#read what is in this picture?"},
+        {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{PNG}")}},
+    ]);
+    let body = json!({"messages": [{"role": "user", "content": parts}]});
+    let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &body.to_string());
+    assert_eq!(content(&r), "echo: read 1 image block(s)");
+    // What claude sent the model after its Read: the file as an image block.
+    let blocks: Vec<Value> = real
+        .api_requests()
+        .iter()
+        .flat_map(|r| r["messages"].as_array().cloned().unwrap_or_default())
+        .flat_map(|m| m["content"].as_array().cloned().unwrap_or_default())
+        .filter(|b| b["type"] == "tool_result")
+        .flat_map(|b| b["content"].as_array().cloned().unwrap_or_default())
+        .filter(|b| b["type"] == "image")
+        .collect();
+    let source = &blocks.first().expect("an image block in a tool result")["source"];
+    assert_eq!((source["type"].as_str(), source["media_type"].as_str()), (Some("base64"), Some("image/png")));
+    assert_eq!(source["data"], PNG, "the bytes synthesis wrote");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn turns_another_model_answered_reach_the_model_once() {
+    let real = Real::start("missed");
+    assert_eq!(content(&real.d().client().chat("a", "hello", false)), "echo: hello");
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [("authorization", auth.as_str()), ("x-session-affinity", "a")];
+    let body = json!({"messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "echo: hello"},
+        {"role": "user", "content": "my name is Zed"}, {"role": "assistant", "content": "Nice to meet you, Zed."},
+        {"role": "user", "content": "what is my name?"},
+    ]});
+    let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &body.to_string());
+    assert!(content(&r).ends_with("what is my name?"));
+    let seen = real.channel_bodies_seen_last();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert!(seen[1].starts_with("<missed_conversation>"), "{}", seen[1]);
+    assert!(seen[1].contains(
+        "[user]: my name is Zed\n[assistant (another model)]: Nice to meet you, Zed.\n</missed_conversation>"
+    ));
+    assert_eq!(seen[1].matches("my name is Zed").count(), 1);
+}

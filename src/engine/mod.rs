@@ -297,11 +297,7 @@ impl Settings {
             tools_allow: c.tools_allow.clone(),
             tools_deny: c.tools_deny.clone(),
             permissions: c.permissions,
-            attachments_dir: std::path::absolute(&c.state_dir)
-                .unwrap_or_else(|_| c.state_dir.clone())
-                .join("attachments")
-                .to_string_lossy()
-                .into_owned(),
+            attachments_dir: crate::attachments::dir(&c.state_dir).to_string_lossy().into_owned(),
         }
     }
 }
