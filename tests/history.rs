@@ -397,3 +397,32 @@ fn answers_are_kept_as_fingerprints_only_and_survive_a_restart() {
         format!("{}\n\nagain?", missed_block(&["[user]: my name is Zed", "[assistant (another model)]: Hi Zed."]));
     assert_eq!(delivered(&out), [expected]);
 }
+
+#[test]
+fn every_captured_openclaw_conversation_still_gets_one_plain_delivery_per_turn() {
+    let conversations: [&[&str]; 4] = [
+        &["gateway-http-alice-turn-one", "gateway-http-alice-turn-two", "gateway-http-alice-turn-three"],
+        &["gateway-http-bob-turn-one", "gateway-http-bob-slash-new", "gateway-http-bob-after-new"],
+        &["compat-sessC-turn1", "compat-sessC-turn2"],
+        &["gateway-cli-main-turn1", "gateway-cli-main-turn2"],
+    ];
+    for turns in conversations {
+        let mut s = Script::new(settings());
+        for (i, name) in turns.iter().enumerate() {
+            let mut out = s.input(http(10 + i as u64, capture(name)));
+            if i == 0 {
+                out = s.start_process(1, 7, 100, "t3");
+            }
+            let d = delivered(&out);
+            assert_eq!(d.len(), 1, "{name}: {out:?}");
+            assert!(!d[0].contains("<missed_conversation>"), "{name}: synthesis served every turn");
+            assert!(i == 0 || !d[0].contains("<earlier_conversation>"), "{name}");
+            assert!(out.iter().all(|o| !matches!(o, Output::Signal { .. })), "{name}: not a rewrite");
+            // Answered with what the next capture's history holds as synthesis's answer.
+            if let Some(next) = turns.get(i + 1) {
+                s.input(reply(100, &format!("chat-{}", i + 1), &captured_answer(next)));
+                s.input(stop_hook(20, "t4", None));
+            }
+        }
+    }
+}
