@@ -31,10 +31,20 @@ const TOOL_TEXT_MAX: usize = 2000;
 const CONTEXT_BEGIN: &str = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>";
 const CONTEXT_END: &str = "<<<END_OPENCLAW_INTERNAL_CONTEXT>>>";
 
-/// 64-bit FNV-1a. Fingerprints are persisted, so they must not change with the Rust release
-/// (`DefaultHasher` may).
+/// A 64-bit hash that never changes with the Rust release (fingerprints are persisted;
+/// `DefaultHasher` may change): eight bytes at a time, FxHash-style, then a splitmix64 finish.
 pub fn stable_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mix = |h: u64, w: u64| (h.rotate_left(5) ^ w).wrapping_mul(K);
+    let mut chunks = bytes.chunks_exact(8);
+    let seed = 0x243f_6a88_85a3_08d3 ^ bytes.len() as u64;
+    let mut h = chunks.by_ref().fold(seed, |h, c| mix(h, u64::from_le_bytes(c.try_into().unwrap())));
+    let mut last = [0u8; 8];
+    last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = mix(h, u64::from_le_bytes(last));
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 fn print(kind: &str, text: &str) -> u64 {
@@ -328,6 +338,9 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const STABLE_EMPTY: u64 = 4463363853583017634;
+    const STABLE_A: u64 = 6057806392741087813;
+
     fn msgs(v: Value) -> Vec<ChatMessage> {
         serde_json::from_value(v).unwrap()
     }
@@ -454,8 +467,22 @@ mod tests {
     }
 
     #[test]
-    fn fingerprints_are_stable() {
-        assert_eq!(stable_hash(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(stable_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+    fn fingerprints_are_stable_and_tell_close_texts_apart() {
+        // Persisted values: these must never change.
+        assert_eq!(stable_hash(b""), STABLE_EMPTY);
+        assert_eq!(stable_hash(b"a"), STABLE_A);
+        let texts: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"\0".to_vec(),
+            b"\0\0".to_vec(),
+            b"12345678".to_vec(),
+            b"123456789".to_vec(),
+            b"12345679".to_vec(),
+        ];
+        for (i, a) in texts.iter().enumerate() {
+            for b in &texts[i + 1..] {
+                assert_ne!(stable_hash(a), stable_hash(b), "{a:?} {b:?}");
+            }
+        }
     }
 }
