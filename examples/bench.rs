@@ -1,11 +1,13 @@
 //! Load benchmark: N sessions × M turns through a real synthesis with the scripted fake claude.
 //!
 //!     cargo build --release --bins --examples
-//!     target/release/examples/bench [sessions=50] [turns=100]
+//!     target/release/examples/bench [sessions=8] [turns=8000]
 //!
 //! Starts `target/release/synthesis` on a private temp dir and loopback port, warms up every
 //! session (one claude each), then runs all sessions concurrently, one keep-alive client per
 //! session. Prints p50/p99 turn latency, turns/s, synthesis's CPU time per turn and its RSS.
+//! The default runs for longer than two channel heartbeats (5 s each), and every answer must be
+//! exactly its own question's echo.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -14,8 +16,8 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("numbers")).collect();
-    let sessions = args.first().copied().unwrap_or(50);
-    let turns = args.get(1).copied().unwrap_or(100);
+    let sessions = args.first().copied().unwrap_or(8);
+    let turns = args.get(1).copied().unwrap_or(8000);
     let bin_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
     let dir = std::env::temp_dir().join(format!("synthesis-bench-{}", std::process::id()));
     for sub in ["home", "ws", "state"] {
@@ -142,7 +144,8 @@ impl Client {
         }
         let mut body = vec![0; len];
         self.stream.read_exact(&mut body).unwrap();
-        assert!(String::from_utf8_lossy(&body).contains(&format!("echo: {text}")));
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], format!("echo: {text}"), "answer to {text:?}");
         t.elapsed()
     }
 }

@@ -12,6 +12,7 @@
 //!   `silent`        → end the turn without `reply` (last_assistant_message `silent-answer`)
 //!   `tool <name> <json-args>` → call the channel's client tool, then reply `echo: tool result: <text>`
 //!   `perm <tool>`   → ask permission (request id `abcde`), then reply `echo: permission <allow|deny>`
+//!   `big <bytes>`   → reply `echo: big <bytes>`, a newline and that many `x` (multi-MB replies)
 //! Messages that arrive during a turn are merged into the next turn, as claude does.
 //! Environment: `FAKE_CLAUDE_LOG=<path>` appends each channel notification as a JSON line;
 //! `FAKE_CLAUDE_DROP_FIRST=1` drops the first notification (claude's registration race);
@@ -313,8 +314,12 @@ impl Fake {
         self.call_hook("Stop", json!({"last_assistant_message": last}));
     }
 
-    /// `tool <name> <json-args>` calls the channel's client tool; anything else is echoed.
+    /// `tool <name> <json-args>` calls the channel's client tool; `big <n>` echoes plus n bytes;
+    /// anything else is echoed.
     fn tool_or_echo(&mut self, script: &str, text: &str) -> String {
+        if let Some(n) = script.strip_prefix("big ").and_then(|n| n.trim().parse::<usize>().ok()) {
+            return format!("echo: {text}\n{}", "x".repeat(n));
+        }
         match script.strip_prefix("tool ").and_then(|rest| rest.split_once(' ')) {
             Some((name, args)) => {
                 let args: Value = serde_json::from_str(args).unwrap_or(json!({}));

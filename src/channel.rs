@@ -34,6 +34,9 @@ struct Channel {
     ready_at: Option<Instant>,
     /// Client-tool calls waiting for their result: call_ref → MCP request id.
     pending: HashMap<String, Value>,
+    /// `reply` calls waiting for the daemon's `replied`: seq → MCP request id.
+    replies: HashMap<u64, Value>,
+    next_seq: u64,
     done: bool,
 }
 
@@ -51,7 +54,9 @@ pub fn run() -> Result<(), String> {
     let registry = poll.registry();
     registry.register(&mut SourceFd(&stdin), STDIN, Interest::READABLE).map_err(|e| e.to_string())?;
     let fd = bridge.get_ref().as_raw_fd();
-    registry.register(&mut SourceFd(&fd), BRIDGE, Interest::READABLE).map_err(|e| e.to_string())?;
+    // Writable too: a frame larger than the socket buffer is finished when room frees up.
+    let interest = Interest::READABLE | Interest::WRITABLE;
+    registry.register(&mut SourceFd(&fd), BRIDGE, interest).map_err(|e| e.to_string())?;
     let mut channel = Channel {
         poll,
         bridge,
@@ -61,6 +66,8 @@ pub fn run() -> Result<(), String> {
         initialized: false,
         ready_at: None,
         pending: HashMap::new(),
+        replies: HashMap::new(),
+        next_seq: 0,
         done: false,
     };
     channel.send(&FromChannel::Hello { v: bridge::VERSION, token });
@@ -72,6 +79,9 @@ pub fn run() -> Result<(), String> {
 fn connect(url: &str) -> io::Result<WebSocket<TcpStream>> {
     let addr = url.trim_start_matches("ws://").split('/').next().unwrap_or("");
     let stream = TcpStream::connect(addr)?;
+    // Frames are small and each one matters now: without this, Nagle holds a `reply` behind an
+    // unacknowledged heartbeat until the daemon next sends something (the turn after).
+    stream.set_nodelay(true)?;
     let (ws, _) = tungstenite::client(url, stream).map_err(|e| io::Error::other(e.to_string()))?;
     ws.get_ref().set_nonblocking(true)?;
     Ok(ws)
@@ -192,9 +202,13 @@ impl Channel {
         let name = params.get("name").and_then(Value::as_str).unwrap_or("");
         let args = params.get("arguments").cloned().unwrap_or(json!({}));
         if name == "reply" {
+            // Answered when the daemon has taken it (`replied`): only then may claude go on to
+            // end its turn.
             let arg = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-            self.send(&FromChannel::Reply { chat_id: arg("chat_id"), text: arg("text") });
-            return write_line(&mcp::response(id, mcp::tool_text("sent", false)));
+            self.next_seq += 1;
+            self.replies.insert(self.next_seq, id.clone());
+            self.send(&FromChannel::Reply { seq: self.next_seq, chat_id: arg("chat_id"), text: arg("text") });
+            return Ok(());
         }
         if !self.catalog.iter().flatten().any(|t| t.name == name) {
             return write_line(&mcp::response(id, mcp::tool_text(&format!("unknown tool {name}"), true)));
@@ -239,6 +253,10 @@ impl Channel {
     fn on_frame(&mut self, frame: ToChannel) -> io::Result<()> {
         match frame {
             ToChannel::Deliver { chat_id, content } => write_line(&mcp::channel_message(&content, &chat_id)),
+            ToChannel::Replied { seq } => match self.replies.remove(&seq) {
+                Some(id) => write_line(&mcp::response(&id, mcp::tool_text("sent", false))),
+                None => Ok(()),
+            },
             ToChannel::Tools { tools } => {
                 let changed = self.catalog.as_ref() != Some(&tools);
                 self.catalog = Some(tools);

@@ -24,9 +24,13 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             Ok(())
         }
-        _ => config_path(&args)
-            .and_then(|path| synthesis::config::Config::load(path.as_deref()))
-            .and_then(synthesis::shell::serve),
+        Some("--check") => config_path(&args[1..])
+            .and_then(|p| synthesis::config::Config::load(p.as_deref()))
+            .map(|_| println!("config ok")),
+        _ => config_path(&args).and_then(|path| {
+            let config = synthesis::config::Config::load(path.as_deref())?;
+            synthesis::shell::serve(config, path.map(std::path::PathBuf::from))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -38,7 +42,9 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage:
-  synthesis [--config PATH]   run the service (default config: environment only)
+  synthesis [--config PATH]   run the service (default config: environment only);
+                              SIGTERM drains and exits, SIGHUP upgrades in place
+  synthesis --check [--config PATH]   check the config (and that this binary runs), then exit
   synthesis openclaw-config [--config PATH]   print the provider JSON to merge into openclaw.json
   synthesis doctor [--config PATH]   check claude, login, workspace trust and the channel
   synthesis channel           the MCP channel server claude starts (not for manual use)";

@@ -30,10 +30,8 @@ pub fn load(state_dir: &Path, unix_secs: u64) -> Vec<SessionRecord> {
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
-        Err(e) => {
-            log::error!("cannot read {}: {e}; starting with no sessions", path.display());
-            return Vec::new();
-        }
+        // Not UTF-8, or unreadable: moved aside like a parse error, never overwritten later.
+        Err(e) => return set_aside(&path, unix_secs, &e.to_string()),
     };
     match serde_json::from_str::<SessionFile>(&text) {
         Ok(f) if f.version == VERSION => f.sessions,
@@ -107,6 +105,33 @@ mod tests {
         assert!(load(&d, 77).is_empty());
         assert!(!path(&d).exists());
         assert_eq!(fs::read_to_string(d.join("sessions.json.corrupt-77")).unwrap(), "{half a file");
+    }
+
+    #[test]
+    fn a_file_that_is_not_utf8_is_moved_aside_not_overwritten() {
+        let d = dir("utf8");
+        fs::write(path(&d), b"{\"version\": 1, \xff\xfe}").unwrap();
+        assert!(load(&d, 78).is_empty());
+        assert!(!path(&d).exists());
+        assert_eq!(fs::read(d.join("sessions.json.corrupt-78")).unwrap(), b"{\"version\": 1, \xff\xfe}");
+    }
+
+    #[test]
+    fn a_full_disk_is_an_error_not_a_silent_success() {
+        let d = dir("full");
+        std::os::unix::fs::symlink("/dev/full", path(&d).with_extension("json.tmp")).unwrap();
+        let recs = vec![SessionRecord {
+            key: "k".into(),
+            uuid: "u".into(),
+            created: 1,
+            last_used: 2,
+            aliases: vec![],
+            system_hash: None,
+            answers: vec![],
+            heard: vec![],
+        }];
+        let err = save(&d, &recs).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     }
 
     #[test]

@@ -215,6 +215,19 @@ fn a_turn_answered_through_reply_then_a_second_turn_delivers_only_the_new_text()
 
 #[test]
 #[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn a_turn_across_heartbeats_and_a_large_reply_each_answer_their_own_question() {
+    let real = Real::start("heartbeats");
+    assert_eq!(content(&real.d().client().chat("a", "warm up", false)), "echo: warm up");
+    // The model takes longer than two channel heartbeats before it replies.
+    let slow = format!("#slow{} across heartbeats", 2 * synthesis::wire::bridge::HEARTBEAT_SECS + 1);
+    assert_eq!(content(&real.d().client().chat("a", &slow, false)), format!("echo: {slow}"));
+    let big = content(&real.d().client().chat("a", "#big300000 large", false));
+    assert_eq!(big, format!("echo: #big300000 large\n{}", "y".repeat(300_000)));
+    assert_eq!(content(&real.d().client().chat("a", "right after", false)), "echo: right after");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
 fn a_turn_without_reply_is_answered_by_last_assistant_message_and_two_replies_both_arrive() {
     let real = Real::start("plain");
     assert_eq!(content(&real.d().client().chat("a", "#plain just text", false)), "PLAIN: #plain just text");

@@ -26,7 +26,8 @@ fn json_turn_from_spawn_to_answer() {
     let mut s = Script::new(settings());
     assert_eq!(s.input(chat(10, "sess-a", "hello there", false)), vec![spawn_of(1, UUID1, "t3", "t4")]);
     assert_eq!(s.start_process(1, 4242, 100, "t3"), vec![deliver(100, "chat-1", "hello there")]);
-    assert!(s.input(reply(100, "chat-1", "echo: hello there")).is_empty(), "non-streamed: nothing until the end");
+    let out = s.input(reply(100, "chat-1", "echo: hello there"));
+    assert_eq!(out, vec![replied(100, 1)], "non-streamed: nothing but the acknowledgement until the end");
     let out = s.input(stop_hook(20, "t4", Some("ignored, there was a reply")));
     assert_eq!(out.len(), 2);
     assert_eq!(out[0], hook_ok(20));
@@ -659,4 +660,168 @@ fn sessions_unused_for_30_days_are_forgotten_at_the_sweep() {
     s.advance(Duration::from_secs(60));
     let keys: Vec<String> = s.saved.last().unwrap().iter().map(|r| r.key.clone()).collect();
     assert_eq!(keys, ["a", "recent"]);
+}
+
+#[test]
+fn a_reply_is_acknowledged_after_it_became_part_of_the_answer() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "hi", true));
+    s.start_process(1, 7, 100, "t3");
+    let out = s.input(reply_seq(100, 7, "chat-1", "hello"));
+    assert_eq!(out.len(), 2);
+    assert!(matches!(&out[0], Output::StreamData { conn: 10, data } if data.contains("hello")));
+    assert_eq!(out[1], replied(100, 7), "claude may end its turn only once the reply is taken");
+}
+
+#[test]
+fn a_reply_naming_an_earlier_chat_id_during_a_turn_belongs_to_that_turn() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "one", false));
+    s.start_process(1, 7, 100, "t3");
+    s.input(reply(100, "chat-1", "first"));
+    s.input(stop_hook(20, "t4", None));
+    s.input(chat(11, "a", "two", false));
+    // Claude copied the old chat_id: with the acknowledgement, no reply of chat-1 can still be
+    // on its way (its Stop came after all of them), so this is chat-2's answer.
+    assert_eq!(s.input(reply_seq(100, 2, "chat-1", "second")), vec![replied(100, 2)]);
+    let out = s.input(stop_hook(21, "t4", None));
+    assert_eq!(response(&out[1]).2["choices"][0]["message"]["content"], "second");
+}
+
+#[test]
+fn a_late_reply_after_its_turn_was_answered_is_dropped_and_never_shifts_the_next_answer() {
+    let mut s = Script::new(settings()); // turn_timeout 300 s, settle 500 ms
+    s.input(chat(10, "a", "slow", false));
+    s.start_process(1, 7, 100, "t3");
+    s.input(prompt_hook(21, "t4", "chat-1"));
+    s.input(chat(11, "a", "next", false));
+    let out = s.advance(Duration::from_secs(300));
+    assert_eq!(response(&out[1]).1, 504);
+    // The interrupted turn's reply arrives while nothing is in flight: acknowledged, dropped.
+    assert_eq!(s.input(reply_seq(100, 1, "chat-1", "slow answer")), vec![replied(100, 1)]);
+    assert_eq!(s.advance(Duration::from_millis(500)), vec![deliver(100, "chat-2", "next")]);
+    // ... and once more during the next turn: still not the next turn's.
+    assert_eq!(s.input(reply_seq(100, 2, "chat-1", "slow answer again")), vec![replied(100, 2)]);
+    s.input(reply_seq(100, 3, "chat-2", "echo: next"));
+    let out = s.input(stop_hook(20, "t4", Some("Replied.")));
+    assert_eq!(response(&out[1]).2["choices"][0]["message"]["content"], "echo: next");
+}
+
+#[test]
+fn a_stop_without_a_reply_answers_with_the_last_message_and_a_reply_after_it_is_dropped() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "one", false));
+    s.start_process(1, 7, 100, "t3");
+    let out = s.input(stop_hook(20, "t4", Some("Replied.")));
+    assert_eq!(response(&out[1]).2["choices"][0]["message"]["content"], "Replied.");
+    // A reply arriving after the Stop with no turn in flight is nobody's.
+    assert_eq!(s.input(reply_seq(100, 1, "chat-1", "echo: one")), vec![replied(100, 1)]);
+    s.input(chat(11, "a", "two", false));
+    s.input(reply_seq(100, 2, "chat-2", "echo: two"));
+    let out = s.input(stop_hook(21, "t4", Some("Replied.")));
+    assert_eq!(response(&out[1]).2["choices"][0]["message"]["content"], "echo: two");
+}
+
+#[test]
+fn readiness_turns_503_when_draining_and_a_second_signal_stops_at_once() {
+    let mut s = Script::new(settings());
+    let ready = || http(30, request("GET", "/readyz", &[], ""));
+    assert_eq!(response(&s.input(ready())[0]).1, 200);
+    s.input(chat(10, "a", "sleep", false));
+    s.start_process(1, 7, 100, "t3");
+    s.input(prompt_hook(21, "t4", "chat-1"));
+    assert!(s.input(Input::Shutdown).is_empty(), "the turn in flight may finish");
+    let (_, status, body) = response(&s.input(ready())[0]);
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("shutting_down")));
+    assert_eq!(response(&s.input(http(31, request("GET", "/healthz", &[], "")))[0]).1, 200, "still alive");
+    // The operator insists: stop now, the turn in flight gets a clear error.
+    assert_eq!(s.input(Input::Shutdown), vec![Output::Signal { proc: 1, signal: Signal::Term }]);
+    let out = s.input(Input::Exited { proc: 1, status: "signal 15".into() });
+    let (_, status, body) = response(&out[1]);
+    assert_eq!(status, 502);
+    assert!(body["error"]["message"].as_str().unwrap().contains("shutting down"), "{body}");
+    assert_eq!(out.last(), Some(&Output::Exit));
+}
+
+#[test]
+fn a_failed_save_keeps_the_map_dirty_shows_in_status_and_is_retried_until_it_succeeds() {
+    let mut s = Script::new(settings());
+    s.input(chat(10, "a", "hi", false));
+    assert_eq!(s.saved.len(), 1);
+    s.input(Input::Saved { error: Some("cannot save the session map in state: No space left on device".into()) });
+    let status = |s: &mut Script| {
+        let out = s.input(http(12, request("GET", "/status", &[("authorization", "Bearer key")], "")));
+        let Output::Status { report, .. } = &out[0] else { panic!("{out:?}") };
+        report.save_error.clone()
+    };
+    assert!(status(&mut s).unwrap().contains("No space left"));
+    s.advance(Duration::from_secs(60));
+    assert_eq!(s.saved.len(), 2, "written again at the sweep though nothing changed since");
+    assert_eq!(s.saved[1], s.saved[0]);
+    s.input(Input::Saved { error: None });
+    assert_eq!(status(&mut s), None);
+    s.advance(Duration::from_secs(60));
+    assert_eq!(s.saved.len(), 2, "saved: clean until something changes");
+}
+
+/// Identifiers from a counter both engines of a hand-over share, as one identifier source
+/// continues across an upgrade.
+struct SharedIds(std::rc::Rc<std::cell::Cell<u64>>);
+
+impl synthesis::engine::Ids for SharedIds {
+    fn uuid(&mut self) -> String {
+        self.0.set(self.0.get() + 1);
+        format!("00000000-0000-4000-8000-{:012}", self.0.get())
+    }
+    fn token(&mut self) -> String {
+        self.0.set(self.0.get() + 1);
+        format!("t{}", self.0.get())
+    }
+}
+
+#[test]
+fn exported_state_continues_in_a_new_engine_with_the_same_outputs() {
+    use synthesis::engine::Engine;
+    let counter = std::rc::Rc::new(std::cell::Cell::new(0));
+    let mut a = Script::new(settings());
+    a.engine = Engine::new(settings(), Box::new(SharedIds(counter.clone())), a.now);
+    // A streamed turn in flight with one reply, a queued turn, a second session idle on its
+    // process, a client tool catalog, an interrupt settling: state of every kind.
+    a.input(chat(10, "a", "first", true));
+    a.start_process(1, 7, 100, "t3");
+    a.input(prompt_hook(20, "t4", "chat-1"));
+    a.input(reply(100, "chat-1", "part one"));
+    a.input(chat(11, "a", "queued", false));
+    a.input(chat(12, "b", "other", false));
+    a.start_process(2, 8, 101, "t8");
+    a.input(stop_hook(21, "t9", Some("b done")));
+    a.advance(Duration::from_secs(7));
+
+    let exported = a.engine.export(a.now);
+    let saved_before = a.saved.len();
+    let ids = Box::new(SharedIds(std::rc::Rc::new(std::cell::Cell::new(counter.get()))));
+    let mut b =
+        Script { engine: Engine::import(settings(), ids, a.now, &exported).unwrap(), ..Script::new(settings()) };
+    b.start = a.start;
+    b.now = a.now;
+    assert_eq!(b.engine.export(b.now), exported, "import then export is the identity");
+
+    type Step = Box<dyn Fn(&mut Script) -> Vec<Output>>;
+    let script: Vec<Step> = vec![
+        Box::new(|s| s.advance(Duration::from_secs(8))), // keep-alive of the stream is due at 15 s
+        Box::new(|s| s.input(reply(100, "chat-1", "part two"))),
+        Box::new(|s| s.input(stop_hook(22, "t4", None))),
+        Box::new(|s| s.input(chat(13, "b", "again", false))),
+        Box::new(|s| s.input(reply(101, "chat-2", "echo: again"))),
+        Box::new(|s| s.input(stop_hook(23, "t9", None))),
+        Box::new(|s| s.input(chat(14, "c", "a new session", false))),
+        Box::new(|s| s.advance(Duration::from_secs(120))),
+    ];
+    for (i, step) in script.iter().enumerate() {
+        let (out_a, out_b) = (step(&mut a), step(&mut b));
+        assert!(!out_a.is_empty() || i == 7, "step {i} does something");
+        assert_eq!(out_a, out_b, "step {i}");
+    }
+    assert_eq!(a.saved[saved_before..], b.saved[..], "the same session map writes");
+    assert!(!b.saved.is_empty());
 }

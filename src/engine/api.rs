@@ -19,6 +19,9 @@ impl Engine {
         let path = req.path.split('?').next().unwrap_or("");
         let result = match (req.method.as_str(), path) {
             ("GET", "/healthz") => Ok(Some(Response::json(200, json!({"status": "ok"}).to_string()))),
+            // Readiness for load balancers: not ready once draining, so no new session comes here.
+            ("GET", "/readyz") if self.shutting_down() => Err(shutting_down()),
+            ("GET", "/readyz") => Ok(Some(Response::json(200, json!({"status": "ready"}).to_string()))),
             ("GET", "/v1/models") => self.authorize(&req).map(|()| Some(self.models())),
             ("GET", "/status") => self.authorize(&req).map(|()| {
                 let report = self.status(now);
@@ -31,9 +34,16 @@ impl Engine {
             ("POST", HOOK_STOP) => self.hook(now, conn, &req, Hook::Stop).map(|()| None),
             ("POST", HOOK_STOP_FAILURE) => self.hook(now, conn, &req, Hook::StopFailure).map(|()| None),
             ("POST", HOOK_PROMPT) => self.hook(now, conn, &req, Hook::PromptSubmit).map(|()| None),
-            (_, "/healthz" | "/v1/models" | "/v1/chat/completions" | HOOK_STOP | HOOK_STOP_FAILURE | HOOK_PROMPT) => {
-                Err(ApiError::new(405, "method_not_allowed", format!("{} is not allowed on {path}", req.method)))
-            }
+            (
+                _,
+                "/healthz"
+                | "/readyz"
+                | "/v1/models"
+                | "/v1/chat/completions"
+                | HOOK_STOP
+                | HOOK_STOP_FAILURE
+                | HOOK_PROMPT,
+            ) => Err(ApiError::new(405, "method_not_allowed", format!("{} is not allowed on {path}", req.method))),
             _ => Err(ApiError::new(404, "not_found", format!("no such endpoint: {} {path}", req.method))),
         };
         match result {
@@ -79,7 +89,7 @@ impl Engine {
             p.idle_secs = 0; // a turn is in flight or queued
         }
         processes.sort_by_key(|p| p.id);
-        StatusReport { shutting_down: self.shutting_down(), sessions, processes }
+        StatusReport { shutting_down: self.shutting_down(), save_error: self.save_error.clone(), sessions, processes }
     }
 
     fn models(&self) -> Response {
@@ -90,7 +100,7 @@ impl Engine {
     /// Admit a chat-completions request; the answer comes later.
     fn chat(&mut self, now: Instant, conn: ConnId, req: &Request, unix_secs: u64) -> Result<(), ApiError> {
         if self.shutting_down() {
-            return Err(ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5));
+            return Err(shutting_down());
         }
         let body: ChatRequest = serde_json::from_str(&req.body).map_err(|e| {
             let what = if e.is_data() { "is not a chat completions request" } else { "is not valid JSON" };
@@ -177,4 +187,9 @@ pub fn session_key(req: &Request, body: &ChatRequest) -> Result<String, ApiError
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The answer to new work while draining: safe to retry elsewhere, it never reached Claude.
+pub(super) fn shutting_down() -> ApiError {
+    ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5)
 }

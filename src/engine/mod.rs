@@ -7,6 +7,7 @@
 
 mod api;
 pub mod attachments;
+mod clock;
 pub mod history;
 mod openclaw;
 mod permissions;
@@ -19,7 +20,7 @@ mod tools;
 mod turn;
 pub use turn::error_response;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,10 @@ pub enum Input {
     Exited {
         proc: ProcId,
         status: String,
+    },
+    /// How the last `SaveSessions` went: `error` when the map could not be written.
+    Saved {
+        error: Option<String>,
     },
     /// SIGTERM or SIGINT.
     Shutdown,
@@ -185,6 +190,8 @@ pub struct SessionRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub shutting_down: bool,
+    /// Why the session map could not be saved last time (retried at each idle sweep).
+    pub save_error: Option<String>,
     pub sessions: Vec<SessionStatus>,
     pub processes: Vec<ProcessStatus>,
 }
@@ -302,6 +309,24 @@ impl Settings {
     }
 }
 
+/// The engine's whole state, without its settings and identifier source: what an in-place
+/// upgrade hands to the new image (`Engine::export` / `Engine::import`).
+#[derive(Serialize, Deserialize)]
+struct State {
+    sessions: BTreeMap<String, Session>,
+    procs: BTreeMap<ProcId, Process>,
+    next_proc: ProcId,
+    waiting: BTreeMap<ConnId, String>,
+    bridges: BTreeMap<ConnId, ProcId>,
+    slot_waiters: VecDeque<String>,
+    #[serde(with = "clock::at")]
+    next_sweep: Instant,
+    shutdown: Shutdown,
+    sessions_dirty: bool,
+    save_error: Option<String>,
+    unix_secs: u64,
+}
+
 pub struct Engine {
     settings: Settings,
     ids: Box<dyn Ids>,
@@ -310,15 +335,17 @@ pub struct Engine {
     procs: BTreeMap<ProcId, Process>,
     next_proc: ProcId,
     /// Client connection → key of the session whose turn it waits for.
-    waiting: HashMap<ConnId, String>,
+    waiting: BTreeMap<ConnId, String>,
     /// Bound bridge connection → its process.
-    bridges: HashMap<ConnId, ProcId>,
+    bridges: BTreeMap<ConnId, ProcId>,
     /// Sessions waiting for a process slot to free up, oldest first.
     slot_waiters: VecDeque<String>,
     next_sweep: Instant,
     shutdown: Shutdown,
     /// Session timestamps changed since the map was last saved.
     sessions_dirty: bool,
+    /// The last save failed (full disk, read-only state_dir): the map stays dirty.
+    save_error: Option<String>,
     /// Newest wall-clock time seen (unix seconds, from requests): the engine has no clock.
     unix_secs: u64,
     outputs: VecDeque<Output>,
@@ -333,14 +360,59 @@ impl Engine {
             sessions: BTreeMap::new(),
             procs: BTreeMap::new(),
             next_proc: 1,
-            waiting: HashMap::new(),
-            bridges: HashMap::new(),
+            waiting: BTreeMap::new(),
+            bridges: BTreeMap::new(),
             slot_waiters: VecDeque::new(),
             shutdown: Shutdown::Running,
             sessions_dirty: false,
+            save_error: None,
             unix_secs: 0,
             outputs: VecDeque::new(),
         }
+    }
+
+    /// The whole state as JSON, deadlines relative to `now`, for `import` in a new image. The
+    /// engine is unchanged (if the hand-over fails, it simply goes on).
+    pub fn export(&mut self, now: Instant) -> String {
+        let state = State {
+            sessions: std::mem::take(&mut self.sessions),
+            procs: std::mem::take(&mut self.procs),
+            next_proc: self.next_proc,
+            waiting: std::mem::take(&mut self.waiting),
+            bridges: std::mem::take(&mut self.bridges),
+            slot_waiters: std::mem::take(&mut self.slot_waiters),
+            next_sweep: self.next_sweep,
+            shutdown: self.shutdown,
+            sessions_dirty: self.sessions_dirty,
+            save_error: self.save_error.clone(),
+            unix_secs: self.unix_secs,
+        };
+        let json = clock::with_base(now, || serde_json::to_string(&state)).expect("engine state serialises");
+        self.put_back(state);
+        json
+    }
+
+    /// An engine continuing from `export`ed state, with (possibly new) settings.
+    pub fn import(settings: Settings, ids: Box<dyn Ids>, now: Instant, json: &str) -> Result<Self, String> {
+        let state: State = clock::with_base(now, || serde_json::from_str(json))
+            .map_err(|e| format!("unreadable engine state: {e}"))?;
+        let mut engine = Engine::new(settings, ids, now);
+        engine.put_back(state);
+        Ok(engine)
+    }
+
+    fn put_back(&mut self, state: State) {
+        self.sessions = state.sessions;
+        self.procs = state.procs;
+        self.next_proc = state.next_proc;
+        self.waiting = state.waiting;
+        self.bridges = state.bridges;
+        self.slot_waiters = state.slot_waiters;
+        self.next_sweep = state.next_sweep;
+        self.shutdown = state.shutdown;
+        self.sessions_dirty = state.sessions_dirty;
+        self.save_error = state.save_error;
+        self.unix_secs = state.unix_secs;
     }
 
     /// Sessions known from an earlier run: their next process resumes their Claude session.
@@ -363,6 +435,7 @@ impl Engine {
             Input::SpawnFailed { proc, error } => self.on_spawn_failed(now, proc, error),
             Input::Terminal { proc, text } => self.on_terminal(now, proc, &text),
             Input::Exited { proc, status } => self.on_exited(now, proc, &status),
+            Input::Saved { error } => self.on_saved(error),
             Input::Shutdown => self.on_shutdown(now),
             Input::Tick => self.on_tick(now),
         }
@@ -400,6 +473,11 @@ impl Engine {
     }
 
     fn on_shutdown(&mut self, now: Instant) {
+        if let Shutdown::Draining(_) = self.shutdown {
+            log::warn!("second shutdown signal: stopping every claude now");
+            self.stop_everything(now);
+            return;
+        }
         if self.shutdown != Shutdown::Running {
             return;
         }
@@ -467,6 +545,17 @@ impl Engine {
         self.push(Output::SaveSessions { sessions });
     }
 
+    /// A failed save keeps the map dirty, so the next sweep writes it again; nothing is lost
+    /// silently, and `/status` says why.
+    fn on_saved(&mut self, error: Option<String>) {
+        if error.is_some() {
+            self.sessions_dirty = true;
+        } else if self.save_error.is_some() {
+            log::info!("the session map is saved again");
+        }
+        self.save_error = error;
+    }
+
     fn save_sessions_if_dirty(&mut self) {
         if self.sessions_dirty {
             self.save_sessions();
@@ -477,16 +566,17 @@ impl Engine {
         self.outputs.push_back(out);
     }
 
-    fn shutting_down(&self) -> bool {
+    /// Draining or stopping after SIGTERM/SIGINT.
+    pub fn shutting_down(&self) -> bool {
         self.shutdown != Shutdown::Running
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Shutdown {
     Running,
     /// Turns in flight may finish until this deadline.
-    Draining(Instant),
+    Draining(#[serde(with = "clock::at")] Instant),
     /// Every process has been told to stop; exit when the last is reaped.
     Stopping,
 }

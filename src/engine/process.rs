@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_ANSWER};
 use super::turn::Answer;
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, Signal, SpawnSpec};
@@ -14,7 +16,7 @@ const MAX_DELIVERIES: u32 = 4;
 /// Terminal lines quoted in error messages.
 const TAIL_LINES: usize = 12;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProcState {
     /// Spawned (or being spawned); not yet `hello` on the bridge.
     Starting,
@@ -23,6 +25,7 @@ pub enum ProcState {
     Stopping,
 }
 
+#[derive(Serialize, Deserialize)]
 pub struct Process {
     pub session: String,
     pub pid: Option<u32>,
@@ -31,29 +34,39 @@ pub struct Process {
     pub bridge_token: String,
     pub hook_token: String,
     pub screen: Screen,
+    #[serde(with = "super::clock::at")]
     pub started: Instant,
+    #[serde(with = "super::clock::at")]
     pub idle_since: Instant,
     pub turns: u64,
+    #[serde(with = "super::clock::at")]
     ready_deadline: Instant,
+    #[serde(with = "super::clock::opt")]
     confirm_at: Option<Instant>,
     dialog_seen: bool,
     /// SIGKILL after this, while stopping.
+    #[serde(with = "super::clock::opt")]
     kill_at: Option<Instant>,
     /// After an interrupt: no delivery before this.
+    #[serde(with = "super::clock::opt")]
     pub settle_until: Option<Instant>,
     /// When its bridge last sent anything (heartbeats included).
+    #[serde(with = "super::clock::at")]
     last_heard: Instant,
     /// `last_heard` + the allowed silence.
+    #[serde(with = "super::clock::opt")]
     silent_at: Option<Instant>,
     /// A message got through (seen in a `UserPromptSubmit` hook).
     pub channel_proven: bool,
     /// Deliveries of the current turn's message while the channel is unproven.
     pub deliveries: u32,
     /// When to deliver it again if claude has not taken it.
+    #[serde(with = "super::clock::opt")]
     pub redeliver_at: Option<Instant>,
     /// Hash of the client-tool catalog the channel has.
     pub tools_sent: Option<u64>,
     /// A changed catalog was sent: no delivery before claude re-listed tools, or this time.
+    #[serde(with = "super::clock::opt")]
     pub tools_wait_until: Option<Instant>,
     /// Why synthesis is stopping it, for the turn that is cut short.
     stop_reason: Option<String>,
@@ -274,7 +287,11 @@ impl Engine {
         match frame {
             FromChannel::Hello { .. } => unreachable!("handled above"),
             FromChannel::Ready => self.on_ready(now, id),
-            FromChannel::Reply { chat_id, text } => self.on_reply(now, &key, &chat_id, text),
+            FromChannel::Reply { seq, chat_id, text } => {
+                self.on_reply(now, &key, &chat_id, text);
+                // Only now may claude learn the reply was sent, and so only now end its turn.
+                self.push(Output::Bridge { conn, frame: ToChannel::Replied { seq } });
+            }
             FromChannel::ToolCall { call_ref, name, arguments } => {
                 self.on_tool_call(now, &key, call_ref, name, arguments)
             }

@@ -52,7 +52,7 @@ pub const CONFIRM_DELAY: Duration = Duration::from_millis(300);
 /// Keys that pick "Yes, I trust this folder" (option 1) on the workspace-trust screen.
 pub const TRUST_ANSWER: &str = "1";
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Screen {
     tail: String,
     squashed: String,

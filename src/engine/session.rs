@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::openclaw::compose;
 use super::process::ACK_TIMEOUT;
 use super::turn::{Answer, Listener, Turn};
@@ -17,6 +19,7 @@ const RECENT_MAX: usize = 4;
 /// Longest wait for claude to re-list tools after the catalog changed.
 const TOOLS_WAIT: Duration = Duration::from_secs(1);
 
+#[derive(Serialize, Deserialize)]
 pub struct Session {
     pub key: String,
     /// The Claude Code session this OpenClaw session maps to.
@@ -34,7 +37,7 @@ pub struct Session {
     pub created: u64,
     pub last_used: u64,
     /// Answers of recently finished turns, by request fingerprint, for identical retries.
-    pub recent: VecDeque<(u64, String, Instant)>,
+    pub recent: VecDeque<Recent>,
     /// Hash of the client's system prompt as last given to this Claude session.
     pub system_hash: Option<u64>,
     /// The Claude session has no transcript yet (new, or it was not there to resume): the next
@@ -50,6 +53,18 @@ pub struct Session {
     /// (see `history`).
     pub answers: Vec<u64>,
     pub heard: Vec<u64>,
+    /// Chat id of the last turn ended by an interrupt: it had no Stop, so its replies may still
+    /// come in during a later turn, and are not that turn's.
+    pub interrupted: Option<String>,
+}
+
+/// A finished turn's answer, kept for an identical retry.
+#[derive(Serialize, Deserialize)]
+pub struct Recent {
+    pub fingerprint: u64,
+    pub answer: String,
+    #[serde(with = "super::clock::at")]
+    pub at: Instant,
 }
 
 impl Session {
@@ -72,6 +87,7 @@ impl Session {
             tools: Vec::new(),
             answers: Vec::new(),
             heard: Vec::new(),
+            interrupted: None,
         }
     }
 
@@ -110,8 +126,8 @@ impl Session {
     pub fn recent_answer(&self, fingerprint: u64, now: Instant) -> Option<&str> {
         self.recent
             .iter()
-            .find(|(f, _, at)| *f == fingerprint && now.duration_since(*at) < RECENT_TTL)
-            .map(|r| r.1.as_str())
+            .find(|r| r.fingerprint == fingerprint && now.duration_since(r.at) < RECENT_TTL)
+            .map(|r| r.answer.as_str())
     }
 }
 
@@ -202,16 +218,24 @@ impl Engine {
         }
     }
 
-    /// A `reply` tool call arrived for the session's turn in flight.
+    /// A `reply` tool call arrived. The channel answers claude's call only after this (bridge
+    /// `replied`), so a turn's replies always arrive before its Stop hook: a reply while a turn is
+    /// in flight belongs to that turn, even when Claude copied an older `chat_id` into it; a
+    /// reply with no turn in flight, or naming an interrupted turn (no Stop closed it), is late
+    /// and dropped, never given to the next turn.
     pub(super) fn on_reply(&mut self, now: Instant, key: &str, chat_id: &str, text: String) {
+        if self.sessions.get(key).is_some_and(|s| s.interrupted.as_deref() == Some(chat_id)) {
+            log::warn!("session {key}: late reply for the interrupted {chat_id}, dropped");
+            return;
+        }
         let replied = self.with_current(key, |engine, turn| {
             if turn.chat_id != chat_id {
-                log::warn!("session {key}: reply names {chat_id}, turn is {}; attributed to the turn", turn.chat_id);
+                log::info!("session {key}: reply names {chat_id} during {}; it belongs to the turn", turn.chat_id);
             }
             engine.say(now, turn, text);
         });
         if replied.is_none() {
-            log::warn!("session {key}: reply for {chat_id} outside a turn, dropped");
+            log::warn!("session {key}: late reply for {chat_id} after its turn was answered, dropped");
         }
     }
 
@@ -220,7 +244,7 @@ impl Engine {
         let Some(session) = self.sessions.get_mut(key) else { return };
         let Some(mut turn) = session.current.take() else { return };
         if let Answer::Text(text) = &answer {
-            session.recent.push_front((turn.fingerprint, text.clone(), now));
+            session.recent.push_front(Recent { fingerprint: turn.fingerprint, answer: text.clone(), at: now });
             session.recent.truncate(RECENT_MAX);
         }
         let (ephemeral, proc) = (session.ephemeral, session.proc);
@@ -249,7 +273,7 @@ impl Engine {
     }
 
     pub(super) fn fail_all_queued(&mut self) {
-        let err = ApiError::new(503, "shutting_down", "synthesis is shutting down; retry shortly").retry_after(5);
+        let err = super::api::shutting_down();
         let keys: Vec<String> = self.sessions.keys().cloned().collect();
         for key in keys {
             self.fail_queued(&key, &err);
@@ -290,6 +314,7 @@ impl Engine {
     pub(super) fn interrupt(&mut self, now: Instant, key: &str, err: Option<ApiError>) {
         let Some(mut turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else { return };
         log::info!("session {key}: interrupting {}", turn.chat_id);
+        self.sessions.get_mut(key).expect("session").interrupted = Some(turn.chat_id.clone());
         if let Some(pid) = self.sessions[key].proc {
             self.push(Output::WriteTerminal { proc: pid, data: "\x1b".into() });
             if let Some(p) = self.procs.get_mut(&pid) {

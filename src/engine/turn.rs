@@ -5,6 +5,8 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use super::attachments::Attachment;
 use super::history::{answer_print, call_print, Missed};
 use super::{ConnId, Engine, Output};
@@ -12,6 +14,7 @@ use crate::wire::http::Response;
 use crate::wire::openai::{self, ApiError, Completion, ToolCall};
 
 /// A client waiting for a turn's answer.
+#[derive(Serialize, Deserialize)]
 pub struct Listener {
     pub conn: ConnId,
     pub stream: bool,
@@ -20,6 +23,7 @@ pub struct Listener {
 }
 
 /// A call of a client tool, by Claude, that the client has to run.
+#[derive(Serialize, Deserialize)]
 pub struct PendingCall {
     pub call: ToolCall,
     /// The channel's MCP call to answer with the result.
@@ -28,7 +32,7 @@ pub struct PendingCall {
 
 /// What a request brings for Claude; composed into one channel message at delivery, when it is
 /// known whether the Claude session is fresh (see `Engine::deliver_next`).
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct Parts {
     /// The client's system prompt.
     pub system: String,
@@ -44,6 +48,7 @@ pub struct Parts {
     pub missed: Missed,
 }
 
+#[derive(Serialize, Deserialize)]
 pub struct Turn {
     pub listeners: Vec<Listener>,
     /// Hash of the request body: an identical retry attaches to this turn.
@@ -55,10 +60,13 @@ pub struct Turn {
     /// Reply texts of the response in progress.
     pub replies: Vec<String>,
     /// Set at delivery: when the turn is interrupted and answered 504.
+    #[serde(with = "super::clock::opt")]
     pub deadline: Option<Instant>,
     /// The last client left: interrupt at this time unless a retry attaches.
+    #[serde(with = "super::clock::opt")]
     pub orphan_deadline: Option<Instant>,
     /// Next keep-alive event for streaming listeners.
+    #[serde(with = "super::clock::opt")]
     pub keepalive_at: Option<Instant>,
     /// Tool call sent to the client, whose result the next request must carry.
     pub asked: Option<PendingCall>,

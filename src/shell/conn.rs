@@ -2,9 +2,11 @@
 //! upgrade on `/bridge`, the WebSocket of a channel.
 
 use std::io::{self, Read, Write};
-use std::time::Instant;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+use serde::{Deserialize, Serialize};
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tungstenite::Message;
 
@@ -160,14 +162,59 @@ impl HttpConn {
         !self.busy && self.outbuf.is_empty() && self.last_active < cutoff
     }
 
+    /// What an in-place upgrade hands over (the socket itself travels as `fd`).
+    pub fn snapshot(&self, token: usize, now: Instant) -> HttpSnapshot {
+        HttpSnapshot {
+            token,
+            fd: self.stream.as_raw_fd(),
+            inbuf: self.inbuf.clone(),
+            outbuf: self.outbuf.clone(),
+            busy: self.busy,
+            idle_ms: now.saturating_duration_since(self.last_active).as_millis() as u64,
+            keep_alive: self.keep_alive,
+            closing: self.closing,
+            lingering: self.lingering,
+            eof: self.eof,
+        }
+    }
+
+    /// The connection of `snapshot`, on its socket, in a new image.
+    pub fn resume(stream: TcpStream, snapshot: HttpSnapshot, now: Instant) -> Self {
+        HttpConn {
+            stream,
+            inbuf: snapshot.inbuf,
+            outbuf: snapshot.outbuf,
+            busy: snapshot.busy,
+            last_active: now.checked_sub(Duration::from_millis(snapshot.idle_ms)).unwrap_or(now),
+            keep_alive: snapshot.keep_alive,
+            closing: snapshot.closing,
+            lingering: snapshot.lingering,
+            eof: snapshot.eof,
+        }
+    }
+
     pub fn into_websocket(self, rest: Vec<u8>, req: &Request) -> Option<BridgeConn> {
         let mut stream = self.stream;
         let accept = http::websocket_accept(req)?;
         // The 101 is tiny; a fresh socket's send buffer always takes it.
         stream.write_all(&accept).ok()?;
-        let ws = WebSocket::from_partially_read(stream, rest, Role::Server, Some(bridge_config()));
-        Some(BridgeConn { ws })
+        Some(BridgeConn::on(stream, rest))
     }
+}
+
+/// An HTTP connection as handed to a new image on upgrade.
+#[derive(Serialize, Deserialize)]
+pub struct HttpSnapshot {
+    pub token: usize,
+    pub fd: RawFd,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    busy: bool,
+    idle_ms: u64,
+    keep_alive: bool,
+    closing: bool,
+    lingering: usize,
+    eof: bool,
 }
 
 /// Frames are small JSON: tungstenite's default 128 KiB buffers per socket would make
@@ -200,6 +247,11 @@ pub enum BridgeEvent {
 }
 
 impl BridgeConn {
+    /// A bridge WebSocket on `stream`, after the upgrade handshake (`read`: bytes already read).
+    pub fn on(stream: TcpStream, read: Vec<u8>) -> Self {
+        BridgeConn { ws: WebSocket::from_partially_read(stream, read, Role::Server, Some(bridge_config())) }
+    }
+
     pub fn on_readable(&mut self) -> Vec<BridgeEvent> {
         let mut events = Vec::new();
         loop {

@@ -3,12 +3,13 @@
 
 mod conn;
 pub mod spawn;
+mod upgrade;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -16,7 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::Config;
@@ -24,6 +25,7 @@ use crate::engine::{Engine, Ids, Input, Output, ProcId, RandomIds, Settings, Sig
 use crate::trace::{Record, Trace, TracedIds};
 use conn::{BridgeConn, BridgeEvent, HttpConn, HttpEvent};
 use spawn::{home, Launch};
+use upgrade::{ChildSnapshot, Handover};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -45,8 +47,10 @@ struct Child {
 
 struct Shell {
     config: Config,
+    /// `--config`, re-read by the new image on SIGHUP.
+    config_path: Option<PathBuf>,
     poll: Poll,
-    listener: Option<TcpListener>,
+    listener: TcpListener,
     signals: Signals,
     engine: Engine,
     sources: HashMap<Token, Source>,
@@ -66,9 +70,14 @@ struct Shell {
     exit: bool,
 }
 
-/// Run the service until a shutdown completes.
-pub fn serve(config: Config) -> Result<(), String> {
-    let mut shell = Shell::new(config).map_err(|e| e.to_string())?;
+/// Run the service until a shutdown completes; after an in-place upgrade, continue the
+/// previous image's work.
+pub fn serve(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
+    let mut shell = match upgrade::take() {
+        Some(handover) => Shell::resume(config, config_path, handover?),
+        None => Shell::new(config, config_path),
+    }
+    .map_err(|e| e.to_string())?;
     shell.run().map_err(|e| format!("event loop failed: {e}"))
 }
 
@@ -77,23 +86,92 @@ fn with_context<T>(what: impl std::fmt::Display, r: io::Result<T>) -> io::Result
 }
 
 impl Shell {
-    fn new(config: Config) -> io::Result<Self> {
-        let workspace =
-            with_context(format!("workspace {}", config.workspace.display()), config.workspace.canonicalize())?;
+    fn new(config: Config, config_path: Option<PathBuf>) -> io::Result<Self> {
         with_context(format!("state_dir {}", config.state_dir.display()), std::fs::create_dir_all(&config.state_dir))?;
-        let self_exe = with_context("cannot find own binary", std::env::current_exe())?;
-        let poll = Poll::new()?;
-        let mut listener =
-            with_context(format!("cannot listen on {}", config.listen), TcpListener::bind(config.listen))?;
+        let listener = with_context(format!("cannot listen on {}", config.listen), TcpListener::bind(config.listen))?;
         // mio listens with std's backlog of 128: hundreds of claudes firing Stop hooks at once
         // overflow it and pay a 1 s SYN retransmit. Linux lets listen() raise it in place.
         // SAFETY: listen(2) on our own listening socket.
         unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+        let start = Instant::now();
+        let unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let known = crate::persist::load(&config.state_dir, unix_secs);
+        log::info!("{} known sessions in {}", known.len(), crate::persist::path(&config.state_dir).display());
+        let mut shell = Shell::assemble(config, config_path, listener, start, |settings, ids| {
+            Ok(Engine::new(settings, ids, start))
+        })?;
+        if let Some(t) = &shell.trace {
+            t.borrow_mut().write(&Record::Restore { sessions: known.clone() });
+        }
+        shell.engine.restore(known);
+        log::info!("synthesis listening on http://{} (workspace {})", shell.addr, shell.workspace.display());
+        Ok(shell)
+    }
+
+    /// Continue the previous image's work after an in-place upgrade.
+    fn resume(config: Config, config_path: Option<PathBuf>, h: Handover) -> io::Result<Self> {
+        let start = Instant::now();
+        // SAFETY: the previous image handed us its listening socket.
+        let listener = TcpListener::from_std(unsafe { std::net::TcpListener::from_raw_fd(h.listener) });
+        let engine = &h.engine;
+        let mut shell = Shell::assemble(config, config_path, listener, start, |settings, ids| {
+            Engine::import(settings, ids, start, engine).map_err(io::Error::other)
+        })?;
+        if shell.addr != shell.config.listen && shell.config.listen.port() != 0 {
+            log::warn!(
+                "listen changed to {}: still serving {} (a restart applies it)",
+                shell.config.listen,
+                shell.addr
+            );
+        }
+        shell.next_token = h.next_token;
+        for c in h.http {
+            let (token, fd) = (Token(c.token), c.fd);
+            // SAFETY: the previous image handed us this connected socket.
+            let stream = mio::net::TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+            shell.adopt(token, Source::Http(HttpConn::resume(stream, c, start)))?;
+        }
+        for (token, fd) in h.bridges {
+            // SAFETY: as above.
+            let stream = mio::net::TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+            shell.adopt(Token(token), Source::Bridge(BridgeConn::on(stream, Vec::new())))?;
+        }
+        for c in h.children {
+            // SAFETY: the previous image handed us this terminal master.
+            let master = unsafe { OwnedFd::from_raw_fd(c.master) };
+            shell.poll.registry().register(&mut SourceFd(&c.master), Token(c.token), Interest::READABLE)?;
+            shell.sources.insert(Token(c.token), Source::Terminal(c.proc));
+            shell.children.insert(c.proc, Child { pid: c.pid, master, token: Token(c.token) });
+        }
+        log::info!(
+            "upgraded in place (pid {}): {} connections, {} claude processes, listening on http://{}",
+            std::process::id(),
+            shell.sources.len() - shell.children.len(),
+            shell.children.len(),
+            shell.addr
+        );
+        // Claudes that exited while the images changed; then let pending signals in.
+        shell.reap();
+        upgrade::block_signals(false);
+        Ok(shell)
+    }
+
+    /// What a fresh start and an upgrade share: poll, signals, trace and the engine.
+    fn assemble(
+        config: Config,
+        config_path: Option<PathBuf>,
+        mut listener: TcpListener,
+        start: Instant,
+        engine: impl FnOnce(Settings, Box<dyn Ids>) -> io::Result<Engine>,
+    ) -> io::Result<Self> {
+        let workspace =
+            with_context(format!("workspace {}", config.workspace.display()), config.workspace.canonicalize())?;
+        let self_exe = with_context("cannot find own binary", std::env::current_exe())?;
+        let poll = Poll::new()?;
         let addr = listener.local_addr()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGCHLD])?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGCHLD, SIGHUP])?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let start = Instant::now();
         let trace = match &config.trace_file {
             Some(path) => Some(with_context(
                 format!("trace_file {}", path.display()),
@@ -105,19 +183,12 @@ impl Shell {
             Some(t) => Box::new(TracedIds(t.clone())),
             None => Box::new(RandomIds),
         };
-        let mut engine = Engine::new(Settings::from_config(&config), ids, start);
-        let unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let known = crate::persist::load(&config.state_dir, unix_secs);
-        log::info!("{} known sessions in {}", known.len(), crate::persist::path(&config.state_dir).display());
-        if let Some(t) = &trace {
-            t.borrow_mut().write(&Record::Restore { sessions: known.clone() });
-        }
-        engine.restore(known);
-        log::info!("synthesis listening on http://{addr} (workspace {})", workspace.display());
+        let engine = engine(Settings::from_config(&config), ids)?;
         Ok(Shell {
             config,
+            config_path,
             poll,
-            listener: Some(listener),
+            listener,
             signals,
             engine,
             sources: HashMap::new(),
@@ -132,6 +203,18 @@ impl Shell {
             dead: Vec::new(),
             exit: false,
         })
+    }
+
+    /// Watch a socket handed over by the previous image.
+    fn adopt(&mut self, token: Token, mut source: Source) -> io::Result<()> {
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        match &mut source {
+            Source::Http(c) => self.poll.registry().register(&mut c.stream, token, interest)?,
+            Source::Bridge(b) => self.poll.registry().register(b.ws.get_mut(), token, interest)?,
+            Source::Terminal(_) => {}
+        }
+        self.sources.insert(token, source);
+        Ok(())
     }
 
     fn run(&mut self) -> io::Result<()> {
@@ -226,9 +309,12 @@ impl Shell {
                 }
             }
             Output::SaveSessions { sessions } => {
-                if let Err(e) = crate::persist::save(&self.config.state_dir, &sessions) {
-                    log::error!("cannot save the session map in {}: {e}", self.config.state_dir.display());
-                }
+                let error = crate::persist::save(&self.config.state_dir, &sessions).err().map(|e| {
+                    let msg = format!("cannot save the session map in {}: {e}", self.config.state_dir.display());
+                    log::error!("{msg}; retrying at the next idle sweep");
+                    msg
+                });
+                self.feed(Input::Saved { error });
             }
             Output::WriteAttachment { path, bytes } => {
                 if let Err(e) = crate::attachments::write(std::path::Path::new(&path), &bytes) {
@@ -293,11 +379,8 @@ impl Shell {
     }
 
     fn accept(&mut self) {
-        let Some(listener) = &self.listener else {
-            return;
-        };
         loop {
-            match listener.accept() {
+            match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     let token = Token(self.next_token);
                     self.next_token += 1;
@@ -461,14 +544,60 @@ impl Shell {
         for sig in pending {
             match sig {
                 SIGCHLD => self.reap(),
+                SIGHUP => self.upgrade(),
                 _ => {
-                    log::info!("signal {sig}: shutting down");
-                    if let Some(mut l) = self.listener.take() {
-                        let _ = self.poll.registry().deregister(&mut l);
-                    }
+                    // The listener stays open: claude's hooks and bridges must still reach us so
+                    // that every turn in flight can end; new chat requests get 503 meanwhile.
+                    log::info!("signal {sig}: draining");
                     self.feed(Input::Shutdown);
                 }
             }
+        }
+    }
+
+    /// SIGHUP: re-execute the binary at our path in place, handing everything over. A binary
+    /// that does not run or a config it refuses leaves this image running as it was.
+    fn upgrade(&mut self) {
+        if self.engine.shutting_down() {
+            log::warn!("SIGHUP while shutting down: not upgrading");
+            return;
+        }
+        let t = Instant::now();
+        if let Err(e) = upgrade::check(&self.self_exe, self.config_path.as_deref()) {
+            log::error!("SIGHUP: not upgrading, the running version goes on: {e}");
+            return;
+        }
+        log::info!("SIGHUP: {} accepts the config; handing over after {:?}", self.self_exe.display(), t.elapsed());
+        let handover = self.hand_over(Instant::now());
+        let err = upgrade::exec(&self.self_exe, &handover);
+        log::error!("SIGHUP: cannot execute {} ({err}); the running version goes on", self.self_exe.display());
+    }
+
+    fn hand_over(&mut self, now: Instant) -> Handover {
+        let mut http = Vec::new();
+        let mut bridges = Vec::new();
+        for (token, source) in &mut self.sources {
+            match source {
+                Source::Http(c) => http.push(c.snapshot(token.0, now)),
+                Source::Bridge(b) => {
+                    b.flush();
+                    bridges.push((token.0, b.ws.get_ref().as_raw_fd()));
+                }
+                Source::Terminal(_) => {}
+            }
+        }
+        let children = self
+            .children
+            .iter()
+            .map(|(proc, c)| ChildSnapshot { proc: *proc, pid: c.pid, master: c.master.as_raw_fd(), token: c.token.0 })
+            .collect();
+        Handover {
+            engine: self.engine.export(now),
+            listener: self.listener.as_raw_fd(),
+            next_token: self.next_token,
+            http,
+            bridges,
+            children,
         }
     }
 

@@ -3,14 +3,18 @@
 //!
 //! channel → daemon: `hello` (at start, binds the socket), `ready` (claude has registered the
 //! channel), `reply`, `tool_call`, `tools_listed`, `permission_request`, `heartbeat`. daemon → channel: `tools`
-//! (the catalog, sent right after `hello` and whenever it changes), `deliver`, `tool_result`,
+//! (the catalog, sent right after `hello` and whenever it changes), `deliver`, `replied`, `tool_result`,
 //! `permission`.
+//!
+//! Order is causal, not timed: the channel answers claude's `reply` call only when the daemon has
+//! taken the frame (`replied`), so claude cannot reach its Stop hook before the daemon has the
+//! reply. Client tool calls are answered by `tool_result`, which the daemon sends after taking them.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Bumped on any incompatible change; the daemon refuses a `hello` of another version.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const PATH: &str = "/bridge";
 
 /// Environment variables the daemon gives the channel through `--mcp-config`.
@@ -30,8 +34,9 @@ pub enum FromChannel {
     },
     /// MCP is initialised and claude has had time to register the channel.
     Ready,
-    /// Claude called the `reply` tool.
+    /// Claude called the `reply` tool; the daemon acknowledges `seq` with `replied`.
     Reply {
+        seq: u64,
         chat_id: String,
         text: String,
     },
@@ -66,6 +71,8 @@ pub struct ToolDef {
 pub enum ToChannel {
     /// Push one user message into Claude as a channel notification.
     Deliver { chat_id: String, content: String },
+    /// The daemon has taken reply `seq`: the channel may now tell claude it was sent.
+    Replied { seq: u64 },
     /// The client tools Claude may call (besides `reply`).
     Tools { tools: Vec<ToolDef> },
     /// The client's result for a `tool_call`.

@@ -8,6 +8,7 @@ assistant messages after it, so multi-step scripts continue across tool results:
   #plain     text "PLAIN: BODY", end_turn (no reply tool: the answer is last_assistant_message)
   #reply2    step 0: reply "part 1"   step 1: reply "part 2"   then: text "done"
   #slowN     wait N seconds before answering (an interrupted claude hangs up meanwhile)
+  #bigN      step 0: reply "echo: BODY", a newline and N times "y"   then: text "done"
   #err400    HTTP 400 invalid_request_error (claude gives up: StopFailure)
   #bash      step 0: Bash "touch made-by-bash && echo bash-ran" (needs permission)   step 1: reply "echo: bash said: <output>"
   #tool      step 0: call the client tool mcp__synthesis__ls {"path": "."}
@@ -118,6 +119,9 @@ def script(body):
         if step < 2:
             return [reply(f"part {step + 1}")], "tool_use", dirs
         return done
+    big = next((int(d[3:]) for d in dirs if re.fullmatch(r"big\d+", d)), None)
+    if big is not None and step == 0:
+        return [reply(f"echo: {inner}\n" + "y" * big)], "tool_use", dirs
     if step == 0:
         return [{"type": "text", "text": "Replying."}, reply(f"echo: {inner}")], "tool_use", dirs
     return done

@@ -48,6 +48,11 @@ impl Daemon {
 
     /// Start with `claude` as claude_command.
     pub fn launch(dir: PathBuf, claude: &std::path::Path, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::launch_bin(dir, Path::new(env!("CARGO_BIN_EXE_synthesis")), claude, extra, env)
+    }
+
+    /// Start the synthesis binary at `bin` (a copy the test may replace, for upgrades).
+    pub fn launch_bin(dir: PathBuf, bin: &Path, claude: &Path, extra: &str, env: &[(&str, &str)]) -> Daemon {
         let conf = format!(
             "listen = 127.0.0.1:0\napi_key = {API_KEY}\nstate_dir = {}\nworkspace = {}\nclaude_command = {}\n{extra}\n",
             dir.join("state").display(),
@@ -55,7 +60,7 @@ impl Daemon {
             claude.display()
         );
         std::fs::write(dir.join("synthesis.conf"), conf).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_synthesis"))
+        let mut child = Command::new(bin)
             .args(["--config", dir.join("synthesis.conf").to_str().unwrap()])
             .env("HOME", dir.join("home"))
             .env("RUST_LOG", "info")
@@ -98,7 +103,8 @@ impl Daemon {
         std::fs::read_to_string(self.dir.join("delivered.jsonl"))
             .unwrap_or_default()
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            // The last line may be half written while fake claude appends it.
+            .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
 

@@ -152,8 +152,17 @@ pub fn tools_frame(conn: u64, tools: Vec<synthesis::wire::bridge::ToolDef>) -> O
 }
 
 pub fn reply(conn: u64, chat_id: &str, text: &str) -> Input {
-    let frame = FromChannel::Reply { chat_id: chat_id.into(), text: text.into() };
+    reply_seq(conn, 1, chat_id, text)
+}
+
+pub fn reply_seq(conn: u64, seq: u64, chat_id: &str, text: &str) -> Input {
+    let frame = FromChannel::Reply { seq, chat_id: chat_id.into(), text: text.into() };
     Input::BridgeFrame { conn, frame }
+}
+
+/// The daemon's acknowledgement of reply `seq`, which lets claude go on.
+pub fn replied(conn: u64, seq: u64) -> Output {
+    Output::Bridge { conn, frame: synthesis::wire::bridge::ToChannel::Replied { seq } }
 }
 
 pub fn stop_hook(conn: u64, token: &str, last: Option<&str>) -> Input {
