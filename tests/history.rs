@@ -426,3 +426,31 @@ fn every_captured_openclaw_conversation_still_gets_one_plain_delivery_per_turn()
         }
     }
 }
+
+#[test]
+fn a_queued_turn_with_missed_turns_and_an_image_survives_an_exported_engine() {
+    use synthesis::engine::{CounterIds, Engine};
+    let mut a = after_turn_one();
+    a.input(openclaw(11, "zed:0", json!([user(U1), assistant(HELLO), user("busy")])));
+    let photo = json!({"role": "user", "content": [
+        {"type": "text", "text": "here is my cat"},
+        {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{PNG}")}}]});
+    let queued = json!([user(U1), assistant(HELLO), photo, assistant("A lovely cat."), user("what colour is it?")]);
+    assert!(a.input(openclaw(12, "zed:0", queued)).is_empty(), "queued behind chat-2");
+    let exported = a.engine.export(a.now);
+    let imported = Engine::import(settings(), Box::new(CounterIds::default()), a.now, &exported).unwrap();
+    let mut b = Script { engine: imported, start: a.start, now: a.now, ..Script::new(settings()) };
+    let (out_a, out_b) = (a.input(stop_hook(20, "t4", Some("done"))), b.input(stop_hook(20, "t4", Some("done"))));
+    assert_eq!(out_a, out_b);
+    assert!(matches!(&out_a[2], Output::WriteAttachment { bytes, .. } if *bytes == png_bytes()), "{out_a:?}");
+    assert!(delivered(&out_a)[0].starts_with("<missed_conversation>"));
+    // What the session remembers came along: HELLO, answered before the export, is still its own.
+    let next = |s: &mut Script| {
+        s.input(reply(100, "chat-3", "It is grey."));
+        s.input(stop_hook(20, "t4", None));
+        let out = s.input(openclaw(13, "zed:0", json!([user(U1), assistant(HELLO), user("thanks")])));
+        (delivered(&out), out.iter().any(|o| matches!(o, Output::Signal { .. })))
+    };
+    assert_eq!(next(&mut a), (vec!["thanks".to_string()], false));
+    assert_eq!(next(&mut b), (vec!["thanks".to_string()], false), "not taken for a rewritten history");
+}
