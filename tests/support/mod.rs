@@ -32,6 +32,8 @@ pub fn settings() -> Settings {
         tools_allow: vec!["*".into()],
         tools_deny: Vec::new(),
         permissions: synthesis::engine::Permissions::Relay,
+        spare_processes: 0,
+        min_free_memory: 0,
     }
 }
 
