@@ -56,10 +56,17 @@ struct Real {
     api: FakeApi,
     claude: PathBuf,
     daemon: Option<Daemon>,
+    /// Config lines for every start.
+    extra: String,
 }
 
 impl Real {
     fn start(name: &str) -> Real {
+        Real::start_with(name, "")
+    }
+
+    /// With `extra` config lines.
+    fn start_with(name: &str, extra: &str) -> Real {
         let claude = PathBuf::from(std::env::var("SYNTHESIS_REAL_CLAUDE").expect(NEEDS));
         let dir = std::env::temp_dir().join(format!("synthesis-real-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -68,7 +75,7 @@ impl Real {
         }
         seed_home(&dir);
         let api = FakeApi::start(&dir);
-        let mut real = Real { api, claude, daemon: None };
+        let mut real = Real { api, claude, daemon: None, extra: extra.to_string() };
         real.restart_daemon(dir);
         real
     }
@@ -76,7 +83,8 @@ impl Real {
     fn restart_daemon(&mut self, dir: PathBuf) {
         let env = self.api.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.daemon = Some(Daemon::launch(dir, &self.claude, "retry_grace = 1s", &env));
+        let extra = format!("retry_grace = 1s\n{}", self.extra);
+        self.daemon = Some(Daemon::launch(dir, &self.claude, &extra, &env));
     }
 
     fn d(&self) -> &Daemon {
@@ -211,6 +219,19 @@ fn a_turn_answered_through_reply_then_a_second_turn_delivers_only_the_new_text()
         .collect();
     assert_eq!(text, "echo: second message");
     assert_eq!(real.channel_bodies_seen_last(), ["hello claude", "second message"], "one message per turn");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn a_warm_spare_answers_a_new_sessions_first_turn_without_a_spawn() {
+    let real = Real::start_with("spare", "spare_processes = 1");
+    real.d().wait_log("process 1 ready after");
+    let t = Instant::now();
+    assert_eq!(content(&real.d().client().chat("new", "hello spare", false)), "echo: hello spare");
+    eprintln!("new session's first turn on a warm spare: {:?}", t.elapsed());
+    assert!(!real.d().log_lines("session new: takes the warm spare process 1").is_empty());
+    assert!(real.d().log_lines("session new: spawning").is_empty(), "no spawn on the request path");
+    real.d().wait_log("process 2 ready after");
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod clock;
 pub mod history;
 mod openclaw;
 mod permissions;
+mod pool;
 pub use api::{session_key, HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
 pub use permissions::Permissions;
 mod process;
@@ -80,6 +81,12 @@ pub enum Input {
     /// How the last `SaveSessions` went: `error` when the map could not be written.
     Saved {
         error: Option<String>,
+    },
+    /// Memory reading: bytes available to synthesis (the tighter of MemAvailable and the cgroup's
+    /// room) and the resident bytes of each claude's process group.
+    Memory {
+        available: u64,
+        groups: Vec<(ProcId, u64)>,
     },
     /// SIGTERM or SIGINT.
     Shutdown,
@@ -192,6 +199,9 @@ pub struct StatusReport {
     pub shutting_down: bool,
     /// Why the session map could not be saved last time (retried at each idle sweep).
     pub save_error: Option<String>,
+    /// Bytes the host has available (filled in by the shell) and the floor synthesis keeps.
+    pub memory_available: Option<u64>,
+    pub min_free_memory: u64,
     pub sessions: Vec<SessionStatus>,
     pub processes: Vec<ProcessStatus>,
 }
@@ -215,7 +225,7 @@ pub struct ProcessStatus {
     pub state: String,
     pub idle_secs: u64,
     pub turns: u64,
-    /// Filled in by the shell from /proc.
+    /// Resident memory of its whole process group (claude, channel, tools), from /proc.
     pub rss_kib: Option<u64>,
 }
 
@@ -281,6 +291,10 @@ pub struct Settings {
     pub permissions: Permissions,
     /// Absolute directory for images and files from requests (`<state_dir>/attachments`).
     pub attachments_dir: String,
+    /// Warm claudes kept ready for new sessions.
+    pub spare_processes: usize,
+    /// Keep at least this many bytes of memory available (0: no memory policy).
+    pub min_free_memory: u64,
 }
 
 impl Settings {
@@ -305,6 +319,8 @@ impl Settings {
             tools_deny: c.tools_deny.clone(),
             permissions: c.permissions,
             attachments_dir: crate::attachments::dir(&c.state_dir).to_string_lossy().into_owned(),
+            spare_processes: c.spare_processes,
+            min_free_memory: c.min_free_memory,
         }
     }
 }
@@ -325,6 +341,9 @@ struct State {
     sessions_dirty: bool,
     save_error: Option<String>,
     unix_secs: u64,
+    memory: Option<pool::Memory>,
+    #[serde(with = "clock::opt")]
+    spare_at: Option<Instant>,
 }
 
 pub struct Engine {
@@ -346,6 +365,10 @@ pub struct Engine {
     sessions_dirty: bool,
     /// The last save failed (full disk, read-only state_dir): the map stays dirty.
     save_error: Option<String>,
+    /// The latest memory reading (`Input::Memory`).
+    memory: Option<pool::Memory>,
+    /// When to start missing spares.
+    spare_at: Option<Instant>,
     /// Newest wall-clock time seen (unix seconds, from requests): the engine has no clock.
     unix_secs: u64,
     outputs: VecDeque<Output>,
@@ -366,6 +389,8 @@ impl Engine {
             shutdown: Shutdown::Running,
             sessions_dirty: false,
             save_error: None,
+            memory: None,
+            spare_at: Some(now),
             unix_secs: 0,
             outputs: VecDeque::new(),
         }
@@ -386,6 +411,8 @@ impl Engine {
             sessions_dirty: self.sessions_dirty,
             save_error: self.save_error.clone(),
             unix_secs: self.unix_secs,
+            memory: self.memory.take(),
+            spare_at: self.spare_at,
         };
         let json = clock::with_base(now, || serde_json::to_string(&state)).expect("engine state serialises");
         self.put_back(state);
@@ -413,6 +440,8 @@ impl Engine {
         self.sessions_dirty = state.sessions_dirty;
         self.save_error = state.save_error;
         self.unix_secs = state.unix_secs;
+        self.memory = state.memory;
+        self.spare_at = state.spare_at;
     }
 
     /// Sessions known from an earlier run: their next process resumes their Claude session.
@@ -436,6 +465,7 @@ impl Engine {
             Input::Terminal { proc, text } => self.on_terminal(now, proc, &text),
             Input::Exited { proc, status } => self.on_exited(now, proc, &status),
             Input::Saved { error } => self.on_saved(error),
+            Input::Memory { available, groups } => self.on_memory(now, available, groups),
             Input::Shutdown => self.on_shutdown(now),
             Input::Tick => self.on_tick(now),
         }
@@ -454,12 +484,13 @@ impl Engine {
             Shutdown::Draining(deadline) => Some(deadline),
             Shutdown::Stopping => None,
         };
-        procs.chain(turns).chain(own).min()
+        procs.chain(turns).chain(own).chain(self.spare_at).min()
     }
 
     fn on_tick(&mut self, now: Instant) {
         self.expire_processes(now);
         self.expire_turns(now);
+        self.refill_spares(now);
         match self.shutdown {
             Shutdown::Running if now >= self.next_sweep => {
                 self.sweep_idle(now);

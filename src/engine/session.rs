@@ -258,6 +258,8 @@ impl Engine {
             }
         }
         self.deliver_next(now, key);
+        // An idle claude may now go to a session waiting for a slot.
+        self.rebalance(now);
         self.maybe_finish_shutdown(now);
     }
 

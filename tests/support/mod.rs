@@ -33,6 +33,8 @@ pub fn settings() -> Settings {
         tools_deny: Vec::new(),
         permissions: synthesis::engine::Permissions::Relay,
         attachments_dir: "/state/attachments".into(),
+        spare_processes: 0,
+        min_free_memory: 0,
     }
 }
 
