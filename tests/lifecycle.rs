@@ -143,6 +143,9 @@ fn sighup_upgrades_in_place_under_load_with_a_new_binary_and_config() {
     assert!(claudes.iter().all(|p| alive(*p)));
     eprintln!("upgrade: {n} requests, none failed; longest request during the upgrade {worst:?}");
     assert_eq!(d.child.id(), pid);
+    // The claudes are still our children: a crash is reaped and reported by the new image.
+    let r = d.client().chat("idle", "crash", false);
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (502, Some("claude_exited")), "{}", r.body);
 
     // A bad config on SIGHUP: the running version goes on, with the config it had.
     let conf = std::fs::read_to_string(dir.join("synthesis.conf")).unwrap();
