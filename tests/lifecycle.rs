@@ -28,7 +28,8 @@ fn sigterm_answers_every_turn_in_flight_then_exits_zero_and_leaves_no_claude() {
             std::thread::spawn(move || Client::connect(port).chat(&format!("s{i}"), "sleep 1.5", i % 2 == 0))
         })
         .collect();
-    wait_for("every turn to reach claude", || (d.delivered().len() > N).then_some(()));
+    let delivered = |i: usize| !d.log_lines(&format!("session s{i}: delivering chat-1")).is_empty();
+    wait_for("every turn to reach claude", || (0..N).all(delivered).then_some(()));
     let pids = d.claude_pids();
     let t = Instant::now();
     d.signal(libc::SIGTERM);
