@@ -7,7 +7,8 @@
 //! session (one claude each), then runs all sessions concurrently, one keep-alive client per
 //! session. Prints p50/p99 turn latency, turns/s, synthesis's CPU time per turn and its RSS.
 //! The default runs for longer than two channel heartbeats (5 s each), and every answer must be
-//! exactly its own question's echo.
+//! exactly its own question's echo. Then it times a new session's first turn with and without
+//! a warm spare (`spare_processes`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -20,25 +21,7 @@ fn main() {
     let turns = args.get(1).copied().unwrap_or(8000);
     let bin_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
     let dir = std::env::temp_dir().join(format!("synthesis-bench-{}", std::process::id()));
-    for sub in ["home", "ws", "state"] {
-        std::fs::create_dir_all(dir.join(sub)).unwrap();
-    }
-    let conf = format!(
-        "listen = 127.0.0.1:0\napi_key = bench\nstate_dir = {}\nworkspace = {}\nclaude_command = {}\nmax_processes = {}\n",
-        dir.join("state").display(),
-        dir.join("ws").display(),
-        bin_dir.join("examples/fake_claude").display(),
-        sessions
-    );
-    std::fs::write(dir.join("synthesis.conf"), conf).unwrap();
-    let mut daemon = Command::new(bin_dir.join("synthesis"))
-        .args(["--config", dir.join("synthesis.conf").to_str().unwrap()])
-        .env("HOME", dir.join("home"))
-        .env("RUST_LOG", "warn,synthesis::shell=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run cargo build --release --bins --examples first");
-    let port = listening_port(daemon.stderr.take().unwrap());
+    let (mut daemon, port) = start(&bin_dir, &dir, &format!("max_processes = {sessions}\nspare_processes = 0\n"));
     let pid = daemon.id();
 
     let t = Instant::now();
@@ -75,6 +58,64 @@ fn main() {
     let status = daemon.wait().unwrap();
     println!("SIGTERM to exit with {sessions} claudes: {:.2?} ({status})", t.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
+
+    for spares in [0, 1] {
+        let lat = first_turns(&bin_dir, &dir, spares, 5);
+        let ms: Vec<String> = lat.iter().map(|d| format!("{:.0}", d.as_secs_f64() * 1e3)).collect();
+        println!("new session, first turn, spare_processes = {spares}: {} ms", ms.join(" / "));
+    }
+}
+
+/// Start synthesis with the fake claude and `extra` config lines; returns it and its port.
+fn start(bin_dir: &std::path::Path, dir: &std::path::Path, extra: &str) -> (std::process::Child, u16) {
+    for sub in ["home", "ws", "state"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let conf = format!(
+        "listen = 127.0.0.1:0\napi_key = bench\nstate_dir = {}\nworkspace = {}\nclaude_command = {}\n{extra}",
+        dir.join("state").display(),
+        dir.join("ws").display(),
+        bin_dir.join("examples/fake_claude").display(),
+    );
+    std::fs::write(dir.join("synthesis.conf"), conf).unwrap();
+    let mut daemon = Command::new(bin_dir.join("synthesis"))
+        .args(["--config", dir.join("synthesis.conf").to_str().unwrap()])
+        .env("HOME", dir.join("home"))
+        .env("RUST_LOG", "warn,synthesis::shell=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cargo build --release --bins --examples first");
+    let port = listening_port(daemon.stderr.take().unwrap());
+    (daemon, port)
+}
+
+/// First-turn latency of `n` new sessions, one after another, each once a spare (if any) is ready.
+fn first_turns(bin_dir: &std::path::Path, dir: &std::path::Path, spares: usize, n: usize) -> Vec<Duration> {
+    let dir = dir.with_extension(format!("spare{spares}"));
+    let (mut daemon, port) = start(bin_dir, &dir, &format!("spare_processes = {spares}\nmax_processes = {}\n", n + 2));
+    let lat = (0..n)
+        .map(|i| {
+            while spares > 0 && !spare_ready(port) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Client::new(port).turn(1000 + i, "first")
+        })
+        .collect();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    lat
+}
+
+fn spare_ready(port: u16) -> bool {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /status HTTP/1.1\r\nhost: b\r\nauthorization: Bearer bench\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["processes"].as_array().is_some_and(|p| p.iter().any(|p| p["session"] == "(spare)" && p["state"] == "ready"))
 }
 
 fn listening_port(stderr: std::process::ChildStderr) -> u16 {

@@ -16,7 +16,8 @@
 //! Messages that arrive during a turn are merged into the next turn, as claude does.
 //! Environment: `FAKE_CLAUDE_LOG=<path>` appends each channel notification as a JSON line;
 //! `FAKE_CLAUDE_DROP_FIRST=1` drops the first notification (claude's registration race);
-//! `FAKE_CLAUDE_SCREEN=hang` never shows the dialog, `=trust` shows the workspace-trust screen.
+//! `FAKE_CLAUDE_SCREEN=hang` never shows the dialog, `=trust` shows the workspace-trust screen;
+//! `FAKE_CLAUDE_BALLAST_MB=<n>` holds n MiB resident, so that it weighs something like claude.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -62,7 +63,11 @@ fn main() {
         fail("Error: stdin is not a terminal");
     }
     let session_file = session_file(flag("--session-id"), flag("--resume"));
+    let mb: usize = std::env::var("FAKE_CLAUDE_BALLAST_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    // Touched, so it is resident; kept until exit.
+    let ballast = std::hint::black_box(vec![1u8; mb << 20]);
     raw_mode();
+    std::mem::forget(ballast);
     let (tx, events) = channel();
     spawn_key_reader(tx.clone());
     match std::env::var("FAKE_CLAUDE_SCREEN").as_deref() {

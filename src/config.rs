@@ -31,6 +31,8 @@ pub struct Config {
     pub permissions: crate::engine::Permissions,
     pub trace_file: Option<PathBuf>,
     pub http_idle_timeout: Duration,
+    pub spare_processes: usize,
+    pub min_free_memory: u64,
 }
 
 impl Default for Config {
@@ -60,6 +62,8 @@ impl Default for Config {
             permissions: crate::engine::Permissions::Relay,
             trace_file: None,
             http_idle_timeout: Duration::from_secs(120),
+            spare_processes: 1,
+            min_free_memory: 512 << 20,
         }
     }
 }
@@ -82,6 +86,8 @@ const KEYS: &[&str] = &[
     "idle_timeout",
     "idle_sweep",
     "turn_timeout",
+    "spare_processes",
+    "min_free_memory",
 ];
 
 const PERMISSION_MODES: &[&str] = &["default", "acceptEdits", "auto", "bypassPermissions", "dontAsk", "plan"];
@@ -133,6 +139,10 @@ impl Config {
             "model" => self.model = value.to_string(),
             "max_processes" => self.max_processes = positive(key, value)?,
             "max_connections" => self.max_connections = positive(key, value)?,
+            "spare_processes" => {
+                self.spare_processes = value.parse().map_err(|_| format!("{key}: expected a count, not {value:?}"))?
+            }
+            "min_free_memory" => self.min_free_memory = size(key, value)?,
             "queue_depth" => self.queue_depth = positive(key, value)?,
             "max_body" => self.max_body = positive(key, value)?,
             "ready_timeout" => self.ready_timeout = duration(key, value)?,
@@ -206,6 +216,24 @@ fn duration(key: &str, value: &str) -> Result<Duration, String> {
         return Err(format!("{key}: must be more than zero"));
     }
     Ok(d)
+}
+
+/// Bytes: `0`, `512MiB`, `2GiB`, `800MB`, `65536`.
+fn size(key: &str, value: &str) -> Result<u64, String> {
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (num, unit) = value.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{key}: expected a size like 512MiB, not {value:?}"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => return Err(format!("{key}: unknown unit {u:?} (use B, KiB, MiB, GiB, kB, MB or GB)")),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("{key}: {value:?} is too large"))
 }
 
 #[cfg(test)]

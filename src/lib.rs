@@ -1,5 +1,6 @@
 //! synthesis: OpenClaw's model provider backed by long-lived interactive Claude Code processes.
 
+pub mod attachments;
 pub mod channel;
 pub mod config;
 pub mod doctor;

@@ -4,19 +4,24 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 
-pub fn provider_json(c: &Config) -> Value {
+/// `base_url`: where OpenClaw reaches synthesis when that is not `listen` (a load balancer in
+/// front of several hosts); by default `http://<listen>/v1`.
+pub fn provider_json(c: &Config, base_url: Option<&str>) -> Value {
     let mut addr = c.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
+    let base_url = base_url.map_or_else(|| format!("http://{addr}/v1"), String::from);
     json!({
         "models": {"mode": "merge", "providers": {"synthesis-claude-bridge": {
-            "baseUrl": format!("http://{addr}/v1"),
+            "baseUrl": base_url,
             "apiKey": c.api_key.clone().unwrap_or_else(|| "unused".into()),
             "api": "openai-completions",
             "timeoutSeconds": 3600,
             "models": [{
-                "id": c.model, "name": "Claude Code (synthesis)", "reasoning": false, "input": ["text"],
+                "id": c.model, "name": "Claude Code (synthesis)", "reasoning": false,
+                // Images arrive as data: URLs and reach Claude as files it reads.
+                "input": ["text", "image"],
                 "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
                 "contextWindow": 200000, "maxTokens": 32000,
                 // Without these OpenClaw sends nothing that identifies the session.
@@ -32,14 +37,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_balancer_address_replaces_listen() {
+        let c = Config::parse("listen = 127.0.0.1:9000", |_| None).unwrap();
+        let j = provider_json(&c, Some("http://lb.internal:8787/v1"));
+        assert_eq!(j["models"]["providers"]["synthesis-claude-bridge"]["baseUrl"], "http://lb.internal:8787/v1");
+    }
+
+    #[test]
     fn fills_in_listen_key_and_model() {
         let c = Config::parse("listen = 0.0.0.0:9000\napi_key = sekrit\nmodel = cc", |_| None).unwrap();
-        let j = provider_json(&c);
+        let j = provider_json(&c, None);
         let p = &j["models"]["providers"]["synthesis-claude-bridge"];
         assert_eq!(p["baseUrl"], "http://127.0.0.1:9000/v1");
         assert_eq!(p["apiKey"], "sekrit");
         assert_eq!(p["models"][0]["id"], "cc");
         assert_eq!(p["models"][0]["compat"]["sendSessionAffinityHeaders"], true);
+        assert_eq!(p["models"][0]["input"], json!(["text", "image"]), "else OpenClaw sends images elsewhere");
         assert_eq!(j["agents"]["defaults"]["model"]["primary"], "synthesis-claude-bridge/cc");
     }
 }

@@ -108,6 +108,8 @@ mod tests {
             last_used: 2,
             aliases: vec![],
             system_hash: None,
+            answers: vec![],
+            heard: vec![],
         }];
         save(&d, &recs).unwrap();
         assert_eq!(load(&d, 0), recs);
@@ -162,6 +164,8 @@ mod tests {
             last_used: 2,
             aliases: vec![],
             system_hash: None,
+            answers: vec![],
+            heard: vec![],
         }];
         let err = save(&d, &recs).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");

@@ -709,6 +709,8 @@ impl EngineFuzz {
             trust_workspace: rng.chance(20),
             permissions: *rng.pick(&[Permissions::Relay, Permissions::Allow, Permissions::Deny]),
             tools_deny: if rng.chance(20) { vec!["ls".into()] } else { Vec::new() },
+            spare_processes: *rng.pick(&[0, 0, 1, 2]),
+            min_free_memory: *rng.pick(&[0, 1 << 30]),
             ..support::settings()
         };
         let now = Instant::now();
@@ -762,7 +764,7 @@ impl EngineFuzz {
         assert!(s.waiting <= waiting_clients, "{s:?}: waiting for {waiting_clients} clients");
         assert!(s.bridges <= self.bridges.len(), "{s:?}");
         assert!(s.processes <= self.settings.max_processes, "{s:?}");
-        assert!(s.sessions <= 2 * KEYS.len(), "{s:?}");
+        assert!(s.sessions <= 2 * KEYS.len() + self.settings.spare_processes, "{s:?}");
         assert!(s.queued <= s.sessions * self.settings.queue_depth, "{s:?}");
         assert!(s.aliases <= s.sessions * 8, "{s:?}");
         assert!(s.recent_answers <= s.sessions * 64, "{s:?}");
@@ -818,8 +820,16 @@ impl EngineFuzz {
                 assert!(self.procs.contains_key(&proc), "unknown process {proc}");
             }
             Output::SaveSessions { sessions } => {
-                assert!(sessions.len() <= 2 * KEYS.len());
+                assert!(sessions.len() <= 2 * KEYS.len() + self.settings.spare_processes);
                 *saves += 1;
+            }
+            Output::WriteAttachment { path, bytes } => {
+                let dir = format!("{}/", self.settings.attachments_dir);
+                assert!(path.starts_with(&dir) && !path.contains("/..") && !path.contains('\0'), "{path}");
+                assert!(bytes.len() <= 10 << 20);
+            }
+            Output::RemoveAttachments { dir } => {
+                assert!(dir.starts_with(&format!("{}/", self.settings.attachments_dir)), "{dir}");
             }
             Output::Exit => self.exited = true,
         }
@@ -873,7 +883,18 @@ impl EngineFuzz {
             messages.push(json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": {"name": "ls", "arguments": "{}"}}]}));
             messages.push(json!({"role": "tool", "tool_call_id": id.replace('_', ""), "content": "result"}));
         }
-        messages.push(json!({"role": "user", "content": text}));
+        if rng.chance(10) {
+            let data = if rng.chance(70) { "aGVsbG8=" } else { "%%not base64" };
+            let name = *rng.pick(&["notes.txt", "../../etc/passwd", "a\u{0}b", ""]);
+            let parts = json!([
+                {"type": "text", "text": text},
+                {"type": "file", "file": {"filename": name, "file_data": format!("data:text/plain;base64,{data}")}},
+                {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{data}")}},
+            ]);
+            messages.push(json!({"role": "user", "content": parts}));
+        } else {
+            messages.push(json!({"role": "user", "content": text}));
+        }
         let mut body = json!({"messages": messages, "stream": rng.chance(50), "stream_options": {"include_usage": rng.chance(50)}});
         if rng.chance(40) {
             body["tools"] = json!([{"type": "function", "function": {"name": *rng.pick(&["ls", "reply", "grep"]), "parameters": {"type": "object"}}}]);
@@ -1032,7 +1053,14 @@ impl EngineFuzz {
                 let d = Duration::from_millis(rng.size(3_600_000) as u64);
                 self.advance(d);
             }
-            98 => self.feed(Input::Saved { error: Some("disk full".into()) }),
+            98 if rng.chance(50) => self.feed(Input::Saved { error: Some("disk full".into()) }),
+            98 => {
+                let mut groups: Vec<(u64, u64)> =
+                    self.procs.iter().filter(|(_, p)| p.spawned && !p.exited).map(|(id, _)| (*id, 300 << 20)).collect();
+                groups.sort();
+                let available = *rng.pick(&[100 << 20, 2 << 30, 64 << 30]);
+                self.feed(Input::Memory { available, groups });
+            }
             _ if rng.chance(20) => self.feed(Input::Shutdown),
             _ => self.feed(Input::Tick),
         }

@@ -168,3 +168,26 @@ fn a_bound_bridge_that_says_hello_again_is_cut_off_with_its_process() {
     assert!(out.contains(&Output::Signal { proc: 1, signal: synthesis::engine::Signal::Term }), "{out:?}");
     assert_eq!(s.engine.stats().bridges, 0, "the engine does not keep a binding to a closed socket");
 }
+
+#[test]
+fn a_shutdown_with_a_spare_due_does_not_spin() {
+    let fired = promptly("a shutdown after a lost spare", || {
+        let mut s = Script::new(synthesis::engine::Settings { spare_processes: 1, ..settings() });
+        let out = s.input(Input::Tick);
+        assert!(matches!(&out[..], [Output::Spawn { proc: 1, .. }]), "a spare is started: {out:?}");
+        s.input(Input::SpawnFailed { proc: 1, error: "gone".into() }); // the next spare waits a while
+        s.input(chat(10, "a", "hello", false));
+        s.input(Input::Shutdown);
+        // Time passes beyond the spare's retry; every deadline must move on once handled.
+        let mut fired = 0;
+        let end = s.now + Duration::from_secs(3600);
+        while let Some(t) = s.engine.poll_timeout().filter(|t| *t <= end) {
+            s.now = t.max(s.now);
+            s.input(Input::Tick);
+            fired += 1;
+            assert!(fired < 1000, "poll_timeout stays at {:?} after a tick", t - s.start);
+        }
+        fired
+    });
+    assert!(fired > 0);
+}

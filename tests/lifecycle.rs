@@ -28,7 +28,8 @@ fn sigterm_answers_every_turn_in_flight_then_exits_zero_and_leaves_no_claude() {
             std::thread::spawn(move || Client::connect(port).chat(&format!("s{i}"), "sleep 1.5", i % 2 == 0))
         })
         .collect();
-    wait_for("every turn to reach claude", || (d.delivered().len() == N + 1).then_some(()));
+    let delivered = |i: usize| !d.log_lines(&format!("session s{i}: delivering chat-1")).is_empty();
+    wait_for("every turn to reach claude", || (0..N).all(delivered).then_some(()));
     let pids = d.claude_pids();
     let t = Instant::now();
     d.signal(libc::SIGTERM);
@@ -143,6 +144,9 @@ fn sighup_upgrades_in_place_under_load_with_a_new_binary_and_config() {
     assert!(claudes.iter().all(|p| alive(*p)));
     eprintln!("upgrade: {n} requests, none failed; longest request during the upgrade {worst:?}");
     assert_eq!(d.child.id(), pid);
+    // The claudes are still our children: a crash is reaped and reported by the new image.
+    let r = d.client().chat("idle", "crash", false);
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (502, Some("claude_exited")), "{}", r.body);
 
     // A bad config on SIGHUP: the running version goes on, with the config it had.
     let conf = std::fs::read_to_string(dir.join("synthesis.conf")).unwrap();

@@ -60,7 +60,7 @@ fn turn_two_delivers_only_the_new_messages() {
     );
     assert!(first[0].contains("http alice turn one"));
     s.input(prompt_hook(20, "t4", "chat-1"));
-    s.input(reply(100, "chat-1", "hello alice"));
+    s.input(reply(100, "chat-1", &captured_answer("gateway-http-alice-turn-two")));
     s.input(stop_hook(20, "t4", None));
     let second = delivered(&s.input(http(11, capture("gateway-http-alice-turn-two"))));
     assert_eq!(second.len(), 1);
@@ -169,7 +169,7 @@ fn a_compaction_request_is_answered_apart_and_the_next_generation_continues_the_
     s.input(reply(101, "chat-1", "## Summary"));
     let out = s.input(stop_hook(21, "t8", None));
     assert!(out.contains(&Output::Signal { proc: 2, signal: Signal::Term }), "one-shot: stopped when done");
-    s.input(stop_hook(20, "t4", Some("alice answered")));
+    s.input(stop_hook(20, "t4", Some(&captured_answer("gateway-http-alice-turn-three"))));
     // `<id>:1` with the compacted history continues alice's Claude session and process.
     let out = s.input(http(12, capture("gateway-http-alice-turn-three")));
     let d = delivered(&out);
@@ -275,7 +275,7 @@ fn after_a_restart_the_resumed_session_does_not_get_the_system_prompt_again() {
     let mut s = Script::new(settings());
     s.input(http(10, capture("gateway-http-alice-turn-one")));
     s.start_process(1, 7, 100, "t3");
-    s.input(stop_hook(20, "t4", Some("hi alice")));
+    s.input(stop_hook(20, "t4", Some(&captured_answer("gateway-http-alice-turn-two"))));
     s.advance(Duration::from_secs(60)); // the sweep saves the map
     let saved = s.saved.last().unwrap().clone();
     assert!(saved[0].system_hash.is_some());
@@ -296,6 +296,8 @@ fn a_known_session_whose_transcript_is_gone_gets_its_context_again() {
         last_used: 2,
         aliases: vec![],
         system_hash: Some(12345),
+        answers: vec![],
+        heard: vec![],
     };
     s.engine.restore(vec![record]);
     s.input(http(11, capture("gateway-http-alice-turn-two")));

@@ -56,10 +56,17 @@ struct Real {
     api: FakeApi,
     claude: PathBuf,
     daemon: Option<Daemon>,
+    /// Config lines for every start.
+    extra: String,
 }
 
 impl Real {
     fn start(name: &str) -> Real {
+        Real::start_with(name, "")
+    }
+
+    /// With `extra` config lines.
+    fn start_with(name: &str, extra: &str) -> Real {
         let claude = PathBuf::from(std::env::var("SYNTHESIS_REAL_CLAUDE").expect(NEEDS));
         let dir = std::env::temp_dir().join(format!("synthesis-real-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -68,7 +75,7 @@ impl Real {
         }
         seed_home(&dir);
         let api = FakeApi::start(&dir);
-        let mut real = Real { api, claude, daemon: None };
+        let mut real = Real { api, claude, daemon: None, extra: extra.to_string() };
         real.restart_daemon(dir);
         real
     }
@@ -76,7 +83,8 @@ impl Real {
     fn restart_daemon(&mut self, dir: PathBuf) {
         let env = self.api.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.daemon = Some(Daemon::launch(dir, &self.claude, "retry_grace = 1s", &env));
+        let extra = format!("retry_grace = 1s\n{}", self.extra);
+        self.daemon = Some(Daemon::launch(dir, &self.claude, &extra, &env));
     }
 
     fn d(&self) -> &Daemon {
@@ -211,6 +219,19 @@ fn a_turn_answered_through_reply_then_a_second_turn_delivers_only_the_new_text()
         .collect();
     assert_eq!(text, "echo: second message");
     assert_eq!(real.channel_bodies_seen_last(), ["hello claude", "second message"], "one message per turn");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn a_warm_spare_answers_a_new_sessions_first_turn_without_a_spawn() {
+    let real = Real::start_with("spare", "spare_processes = 1");
+    real.d().wait_log("process 1 ready after");
+    let t = Instant::now();
+    assert_eq!(content(&real.d().client().chat("new", "hello spare", false)), "echo: hello spare");
+    eprintln!("new session's first turn on a warm spare: {:?}", t.elapsed());
+    assert!(!real.d().log_lines("session new: takes the warm spare process 1").is_empty());
+    assert!(real.d().log_lines("session new: spawning").is_empty(), "no spawn on the request path");
+    real.d().wait_log("process 2 ready after");
 }
 
 #[test]
@@ -352,4 +373,59 @@ fn a_tool_added_mid_session_reaches_claude() {
     let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &second.to_string());
     let call = &r.json()["choices"][0]["message"]["tool_calls"][0];
     assert_eq!(call["function"]["name"], "cat", "{}", r.body);
+}
+
+/// A 1×1 PNG.
+const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn an_image_reaches_the_model_as_an_image_block_after_claude_reads_it() {
+    // Default settings: synthesis lets Claude Read its attachments without a permission prompt.
+    let real = Real::start("image");
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [("authorization", auth.as_str()), ("x-session-affinity", "img:0")];
+    let parts = json!([
+        {"type": "text", "text": "#read what is in this picture?"},
+        {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{PNG}")}},
+    ]);
+    let body = json!({"messages": [{"role": "user", "content": parts}]});
+    let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &body.to_string());
+    assert_eq!(content(&r), "echo: read 1 image block(s)");
+    // What claude sent the model after its Read: the file as an image block.
+    let blocks: Vec<Value> = real
+        .api_requests()
+        .iter()
+        .flat_map(|r| r["messages"].as_array().cloned().unwrap_or_default())
+        .flat_map(|m| m["content"].as_array().cloned().unwrap_or_default())
+        .filter(|b| b["type"] == "tool_result")
+        .flat_map(|b| b["content"].as_array().cloned().unwrap_or_default())
+        .filter(|b| b["type"] == "image")
+        .collect();
+    let source = &blocks.first().expect("an image block in a tool result")["source"];
+    assert_eq!((source["type"].as_str(), source["media_type"].as_str()), (Some("base64"), Some("image/png")));
+    assert_eq!(source["data"], PNG, "the bytes synthesis wrote");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn turns_another_model_answered_reach_the_model_once() {
+    let real = Real::start("missed");
+    assert_eq!(content(&real.d().client().chat("a", "hello", false)), "echo: hello");
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [("authorization", auth.as_str()), ("x-session-affinity", "a")];
+    let body = json!({"messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "echo: hello"},
+        {"role": "user", "content": "my name is Zed"}, {"role": "assistant", "content": "Nice to meet you, Zed."},
+        {"role": "user", "content": "what is my name?"},
+    ]});
+    let r = real.d().client().request("POST", "/v1/chat/completions", &headers, &body.to_string());
+    assert!(content(&r).ends_with("what is my name?"));
+    let seen = real.channel_bodies_seen_last();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert!(seen[1].starts_with("<missed_conversation>"), "{}", seen[1]);
+    assert!(seen[1].contains(
+        "[user]: my name is Zed\n[assistant (another model)]: Nice to meet you, Zed.\n</missed_conversation>"
+    ));
+    assert_eq!(seen[1].matches("my name is Zed").count(), 1);
 }

@@ -502,6 +502,8 @@ fn a_new_session_is_saved_at_once_and_timestamps_at_the_next_sweep() {
         last_used: 1_790_000_000,
         aliases: vec![],
         system_hash: None,
+        answers: vec![],
+        heard: vec![],
     };
     assert_eq!(s.saved, vec![vec![record.clone()]], "saved before the process even starts");
     s.start_process(1, 7, 100, "t3");
@@ -522,6 +524,8 @@ fn restored_sessions_resume_their_claude_session() {
         last_used: 2,
         aliases: vec![],
         system_hash: None,
+        answers: vec![],
+        heard: vec![],
     };
     s.engine.restore(vec![record]);
     assert_eq!(s.input(chat(10, "a", "hi again", false)), vec![spawn_of(1, "known-uuid", "t2", "t3")]);
@@ -638,6 +642,8 @@ fn sessions_unused_for_30_days_are_forgotten_at_the_sweep() {
         last_used: 1_790_000_000 - 31 * day,
         aliases: vec![],
         system_hash: None,
+        answers: vec![],
+        heard: vec![],
     };
     let recent = SessionRecord {
         key: "recent".into(),
@@ -646,6 +652,8 @@ fn sessions_unused_for_30_days_are_forgotten_at_the_sweep() {
         last_used: 1_790_000_000 - 29 * day,
         aliases: vec![],
         system_hash: None,
+        answers: vec![],
+        heard: vec![],
     };
     s.engine.restore(vec![old, recent]);
     s.input(chat(10, "a", "hi", false)); // tells the engine what time it is

@@ -5,6 +5,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::openclaw::fingerprint;
+use super::pool::is_spare_key;
 use super::turn::{error_response, Answer};
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, SessionStatus, StatusReport};
 use crate::wire::http::{Request, Response};
@@ -90,6 +91,7 @@ impl Engine {
         let mut sessions: Vec<SessionStatus> = self
             .sessions
             .values()
+            .filter(|s| !is_spare_key(&s.key))
             .map(|s| SessionStatus {
                 key: s.key.clone(),
                 claude_session: s.uuid.clone(),
@@ -107,7 +109,14 @@ impl Engine {
             p.idle_secs = 0; // a turn is in flight or queued
         }
         processes.sort_by_key(|p| p.id);
-        StatusReport { shutting_down: self.shutting_down(), save_error: self.save_error.clone(), sessions, processes }
+        StatusReport {
+            shutting_down: self.shutting_down(),
+            save_error: self.save_error.clone(),
+            memory_available: None,
+            min_free_memory: self.settings.min_free_memory,
+            sessions,
+            processes,
+        }
     }
 
     fn models(&self) -> Response {
@@ -126,12 +135,7 @@ impl Engine {
         })?;
         let key = session_key(req, &body)?;
         super::bounds::check_key(&key)?;
-        let known = self.known_sessions(&key);
-        let result = self.chat_turn(now, conn, unix_secs, key.clone(), &body, fingerprint(&req.body));
-        if result.is_err() {
-            self.forget_new_sessions(&key, known);
-        }
-        result
+        self.chat_turn(now, conn, unix_secs, key, &body, fingerprint(&req.body))
     }
 
     /// Stop / StopFailure from claude's HTTP hooks: answered at once (the hook blocks claude),
@@ -196,14 +200,18 @@ enum Hook {
 pub fn session_key(req: &Request, body: &ChatRequest) -> Result<String, ApiError> {
     let headers = ["x-session-affinity", "session_id"].into_iter().filter_map(|h| req.header(h));
     let fields = [&body.prompt_cache_key, &body.user].into_iter().filter_map(|f| f.as_deref());
-    headers.chain(fields).map(str::trim).find(|k| !k.is_empty()).map(String::from).ok_or_else(|| {
+    let key = headers.chain(fields).map(str::trim).find(|k| !k.is_empty()).ok_or_else(|| {
         ApiError::new(
             400,
             "missing_session_key",
             "no session key: send the x-session-affinity header (OpenClaw: set compat.sendSessionAffinityHeaders \
                  and compat.supportsPromptCacheKey on the model), or prompt_cache_key or user in the body",
         )
-    })
+    })?;
+    if key.chars().any(char::is_control) {
+        return Err(ApiError::new(400, "invalid_session_key", "the session key contains control characters"));
+    }
+    Ok(key.to_string())
 }
 
 /// The answer to new work while draining: safe to retry elsewhere, it never reached Claude.

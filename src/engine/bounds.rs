@@ -4,7 +4,6 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::openclaw::compaction_key;
 use super::session::{Recent, RECENT_TTL};
 use super::Engine;
 use crate::wire::openai::ApiError;
@@ -75,23 +74,6 @@ pub struct Stats {
 }
 
 impl Engine {
-    /// Which of the sessions a request for `key` may create exist already.
-    pub(super) fn known_sessions(&self, key: &str) -> [bool; 2] {
-        [key.to_string(), compaction_key(key)].map(|k| self.sessions.contains_key(&k))
-    }
-
-    /// A request that was refused leaves no session behind: otherwise a client could grow the
-    /// map (and `sessions.json`) by one entry per refused request.
-    pub(super) fn forget_new_sessions(&mut self, key: &str, known: [bool; 2]) {
-        for (k, known) in [key.to_string(), compaction_key(key)].into_iter().zip(known) {
-            let unused = self.sessions.get(&k).is_some_and(|s| s.proc.is_none() && s.is_idle() && !s.wants_slot);
-            if !known && unused {
-                self.sessions.remove(&k);
-                self.sessions_dirty = true;
-            }
-        }
-    }
-
     /// Whether the bridge connection `conn` is bound to a process (its `hello` was accepted).
     pub fn bridge_bound(&self, conn: super::ConnId) -> bool {
         self.bridges.contains_key(&conn)

@@ -8,9 +8,12 @@
 mod api;
 mod bounds;
 pub use bounds::Stats;
+pub mod attachments;
 mod clock;
+pub mod history;
 mod openclaw;
 mod permissions;
+mod pool;
 pub use api::{session_key, HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
 pub use permissions::Permissions;
 mod process;
@@ -81,6 +84,12 @@ pub enum Input {
     Saved {
         error: Option<String>,
     },
+    /// Memory reading: bytes available to synthesis (the tighter of MemAvailable and the cgroup's
+    /// room) and the resident bytes of each claude's process group.
+    Memory {
+        available: u64,
+        groups: Vec<(ProcId, u64)>,
+    },
     /// SIGTERM or SIGINT.
     Shutdown,
     /// `poll_timeout()` has passed.
@@ -145,6 +154,17 @@ pub enum Output {
     SaveSessions {
         sessions: Vec<SessionRecord>,
     },
+    /// Write an image or file from a request, for the message that names it: directories 0700,
+    /// the file 0600. Sent right before that message is delivered.
+    WriteAttachment {
+        path: String,
+        #[serde(with = "crate::wire::base64::serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// A session was forgotten: delete its attachments directory.
+    RemoveAttachments {
+        dir: String,
+    },
     /// Answer `GET /status` after adding each process's RSS.
     Status {
         conn: ConnId,
@@ -168,6 +188,12 @@ pub struct SessionRecord {
     /// Hash of the client system prompt this Claude session has seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_hash: Option<u64>,
+    /// Fingerprints of the answers this Claude session gave, newest last (no texts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<u64>,
+    /// Fingerprints of what was delivered to it since its last answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heard: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +201,9 @@ pub struct StatusReport {
     pub shutting_down: bool,
     /// Why the session map could not be saved last time (retried at each idle sweep).
     pub save_error: Option<String>,
+    /// Bytes the host has available (filled in by the shell) and the floor synthesis keeps.
+    pub memory_available: Option<u64>,
+    pub min_free_memory: u64,
     pub sessions: Vec<SessionStatus>,
     pub processes: Vec<ProcessStatus>,
 }
@@ -198,7 +227,7 @@ pub struct ProcessStatus {
     pub state: String,
     pub idle_secs: u64,
     pub turns: u64,
-    /// Filled in by the shell from /proc.
+    /// Resident memory of its whole process group (claude, channel, tools), from /proc.
     pub rss_kib: Option<u64>,
 }
 
@@ -262,6 +291,12 @@ pub struct Settings {
     pub tools_allow: Vec<String>,
     pub tools_deny: Vec<String>,
     pub permissions: Permissions,
+    /// Absolute directory for images and files from requests (`<state_dir>/attachments`).
+    pub attachments_dir: String,
+    /// Warm claudes kept ready for new sessions.
+    pub spare_processes: usize,
+    /// Keep at least this many bytes of memory available (0: no memory policy).
+    pub min_free_memory: u64,
 }
 
 impl Settings {
@@ -285,6 +320,9 @@ impl Settings {
             tools_allow: c.tools_allow.clone(),
             tools_deny: c.tools_deny.clone(),
             permissions: c.permissions,
+            attachments_dir: crate::attachments::dir(&c.state_dir).to_string_lossy().into_owned(),
+            spare_processes: c.spare_processes,
+            min_free_memory: c.min_free_memory,
         }
     }
 }
@@ -305,6 +343,9 @@ struct State {
     sessions_dirty: bool,
     save_error: Option<String>,
     unix_secs: u64,
+    memory: Option<pool::Memory>,
+    #[serde(with = "clock::opt")]
+    spare_at: Option<Instant>,
 }
 
 pub struct Engine {
@@ -326,6 +367,10 @@ pub struct Engine {
     sessions_dirty: bool,
     /// The last save failed (full disk, read-only state_dir): the map stays dirty.
     save_error: Option<String>,
+    /// The latest memory reading (`Input::Memory`).
+    memory: Option<pool::Memory>,
+    /// When to start missing spares.
+    spare_at: Option<Instant>,
     /// Newest wall-clock time seen (unix seconds, from requests): the engine has no clock.
     unix_secs: u64,
     outputs: VecDeque<Output>,
@@ -346,6 +391,8 @@ impl Engine {
             shutdown: Shutdown::Running,
             sessions_dirty: false,
             save_error: None,
+            memory: None,
+            spare_at: Some(now),
             unix_secs: 0,
             outputs: VecDeque::new(),
         }
@@ -366,6 +413,8 @@ impl Engine {
             sessions_dirty: self.sessions_dirty,
             save_error: self.save_error.clone(),
             unix_secs: self.unix_secs,
+            memory: self.memory.take(),
+            spare_at: self.spare_at,
         };
         let json = clock::with_base(now, || serde_json::to_string(&state)).expect("engine state serialises");
         self.put_back(state);
@@ -393,6 +442,8 @@ impl Engine {
         self.sessions_dirty = state.sessions_dirty;
         self.save_error = state.save_error;
         self.unix_secs = state.unix_secs;
+        self.memory = state.memory;
+        self.spare_at = state.spare_at;
     }
 
     /// Sessions known from an earlier run: their next process resumes their Claude session.
@@ -416,6 +467,7 @@ impl Engine {
             Input::Terminal { proc, text } => self.on_terminal(now, proc, &text),
             Input::Exited { proc, status } => self.on_exited(now, proc, &status),
             Input::Saved { error } => self.on_saved(error),
+            Input::Memory { available, groups } => self.on_memory(now, available, groups),
             Input::Shutdown => self.on_shutdown(now),
             Input::Tick => self.on_tick(now),
         }
@@ -434,12 +486,13 @@ impl Engine {
             Shutdown::Draining(deadline) => Some(deadline),
             Shutdown::Stopping => None,
         };
-        procs.chain(turns).chain(own).min()
+        procs.chain(turns).chain(own).chain(self.spare_at).min()
     }
 
     fn on_tick(&mut self, now: Instant) {
         self.expire_processes(now);
         self.expire_turns(now);
+        self.refill_spares(now);
         match self.shutdown {
             Shutdown::Running if now >= self.next_sweep => {
                 self.sweep_idle(now);
@@ -496,7 +549,17 @@ impl Engine {
     fn forget_old_sessions(&mut self) {
         let cutoff = self.unix_secs.saturating_sub(SESSION_RETENTION.as_secs());
         let before = self.sessions.len();
-        self.sessions.retain(|_, s| s.proc.is_some() || !s.is_idle() || s.wants_slot || s.last_used >= cutoff);
+        let mut forgotten = Vec::new();
+        self.sessions.retain(|key, s| {
+            let keep = s.proc.is_some() || !s.is_idle() || s.wants_slot || s.last_used >= cutoff;
+            if !keep {
+                forgotten.push(attachments::session_dir(&self.settings.attachments_dir, key));
+            }
+            keep
+        });
+        for dir in forgotten {
+            self.push(Output::RemoveAttachments { dir });
+        }
         if self.sessions.len() < before {
             log::info!(
                 "forgot {} sessions unused for {} days",

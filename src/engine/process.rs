@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::pool::is_spare_key;
 use super::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_ANSWER};
 use super::turn::Answer;
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, Signal, SpawnSpec};
@@ -98,7 +99,7 @@ impl Process {
         };
         ProcessStatus {
             id,
-            session: self.session.clone(),
+            session: if is_spare_key(&self.session) { "(spare)".into() } else { self.session.clone() },
             pid: self.pid,
             state: state.into(),
             idle_secs: now.duration_since(self.idle_since).as_secs(),
@@ -123,40 +124,7 @@ impl Process {
 }
 
 impl Engine {
-    /// Make sure the session has a process or a claim on the next free slot.
-    pub(super) fn ensure_process(&mut self, now: Instant, key: &str) -> Result<(), ApiError> {
-        let s = &self.sessions[key];
-        if s.proc.is_some() || s.wants_slot {
-            return Ok(());
-        }
-        if self.procs.len() < self.settings.max_processes {
-            self.spawn(now, key);
-            return Ok(());
-        }
-        if let Some(victim) = self.least_recently_used_idle() {
-            self.stop_process(now, victim, "evicted to make room for another session");
-        } else {
-            let stopping = self.procs.values().filter(|p| p.state == ProcState::Stopping).count();
-            if stopping <= self.slot_waiters.len() {
-                let max = self.settings.max_processes;
-                let msg = format!("all {max} claude processes (max_processes) are busy with turns; retry shortly");
-                return Err(ApiError::new(503, "pool_busy", msg).retry_after(5));
-            }
-        }
-        self.sessions.get_mut(key).expect("session").wants_slot = true;
-        self.slot_waiters.push_back(key.to_string());
-        Ok(())
-    }
-
-    fn least_recently_used_idle(&self) -> Option<ProcId> {
-        self.procs
-            .iter()
-            .filter(|(_, p)| p.state == ProcState::Ready && self.sessions[&p.session].is_idle())
-            .min_by_key(|(_, p)| p.idle_since)
-            .map(|(id, _)| *id)
-    }
-
-    fn spawn(&mut self, now: Instant, key: &str) {
+    pub(super) fn spawn(&mut self, now: Instant, key: &str) {
         let id = self.next_proc;
         self.next_proc += 1;
         let session = self.sessions.get_mut(key).expect("session");
@@ -193,23 +161,8 @@ impl Engine {
             stop_reason: None,
         };
         self.procs.insert(id, proc);
+        self.memory_spawned();
         self.push(Output::Spawn { proc: id, spec });
-    }
-
-    /// Spawn waiting sessions while there is room in the pool.
-    fn serve_slot_waiters(&mut self, now: Instant) {
-        while self.procs.len() < self.settings.max_processes {
-            let Some(key) = self.slot_waiters.pop_front() else {
-                return;
-            };
-            let Some(s) = self.sessions.get_mut(&key) else {
-                continue;
-            };
-            s.wants_slot = false;
-            if s.proc.is_none() && !s.queue.is_empty() {
-                self.spawn(now, &key);
-            }
-        }
     }
 
     pub(super) fn on_spawned(&mut self, id: ProcId, pid: u32, resumed: bool) {
@@ -229,7 +182,8 @@ impl Engine {
         log::error!("session {}: {msg}", p.session);
         self.detach(&p);
         self.fail_queued(&p.session, &ApiError::new(502, "claude_spawn_failed", msg));
-        self.serve_slot_waiters(now);
+        self.spare_lost(now, &p.session);
+        self.rebalance(now);
         self.maybe_exit();
     }
 
@@ -363,7 +317,15 @@ impl Engine {
         let alive = now.duration_since(p.started).as_millis();
         log::info!("session {}: process {id} ({}) exited: {status} after {alive} ms", p.session, p.describe());
         self.detach(&p);
+        self.memory_freed(id);
         let key = p.session.clone();
+        if is_spare_key(&key) {
+            // A spare that was never used: nothing waited for it.
+            self.spare_lost(now, &key);
+            self.rebalance(now);
+            self.maybe_exit();
+            return;
+        }
         let why = p.stop_reason.as_ref().map_or(String::new(), |r| format!(" (synthesis was stopping it: {r})"));
         let reason = format!("{} exited ({status}){why}", p.describe());
         if self.sessions[&key].current.is_some() {
@@ -381,7 +343,7 @@ impl Engine {
                 self.fail_queued(&key, &e);
             }
         }
-        self.serve_slot_waiters(now);
+        self.rebalance(now);
         self.maybe_exit();
     }
 
@@ -519,6 +481,7 @@ impl Engine {
             .procs
             .iter()
             .filter(|(_, p)| p.state == ProcState::Ready && self.sessions[&p.session].is_idle())
+            .filter(|(_, p)| !is_spare_key(&p.session)) // a spare is there to wait
             .filter(|(_, p)| now.duration_since(p.idle_since) >= self.settings.idle_timeout)
             .map(|(id, _)| *id)
             .collect();

@@ -48,6 +48,10 @@ pub struct Session {
     pub ephemeral: bool,
     /// The client tools of the latest request.
     pub tools: Vec<ToolDef>,
+    /// Fingerprints of this Claude session's answers and of what it heard since the last one
+    /// (see `history`).
+    pub answers: Vec<u64>,
+    pub heard: Vec<u64>,
     /// Chat id of the last turn ended by an interrupt: it had no Stop, so its replies may still
     /// come in during a later turn, and are not that turn's.
     pub interrupted: Option<String>,
@@ -80,6 +84,8 @@ impl Session {
             aliases: Vec::new(),
             ephemeral: false,
             tools: Vec::new(),
+            answers: Vec::new(),
+            heard: Vec::new(),
             interrupted: None,
         }
     }
@@ -89,6 +95,8 @@ impl Session {
         s.last_used = r.last_used;
         s.aliases = r.aliases;
         s.system_hash = r.system_hash;
+        s.answers = r.answers;
+        s.heard = r.heard;
         s.claude_fresh = false; // decided when its process starts (`Input::Spawned`)
         s
     }
@@ -101,6 +109,8 @@ impl Session {
             last_used: self.last_used,
             aliases: self.aliases.clone(),
             system_hash: self.system_hash,
+            answers: self.answers.clone(),
+            heard: self.heard.clone(),
         }
     }
 
@@ -169,13 +179,17 @@ impl Engine {
         if fresh {
             session.system_hash = None;
         }
-        turn.content = compose(&turn.parts, &mut session.system_hash, fresh);
+        let files;
+        (turn.content, files) = compose(&mut turn.parts, session, fresh);
         session.claude_fresh = false;
         self.sessions_dirty |= session.system_hash != seen;
         turn.deadline = Some(now + self.settings.turn_timeout);
         let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
         log::info!("session {key}: delivering {} to process {pid}", turn.chat_id);
         session.current = Some(turn);
+        for file in files {
+            self.push(Output::WriteAttachment { path: file.path, bytes: file.bytes });
+        }
         self.push(Output::Bridge { conn: bridge, frame });
         let p = self.procs.get_mut(&pid).expect("process of the session");
         p.turns += 1;
@@ -242,6 +256,8 @@ impl Engine {
             }
         }
         self.deliver_next(now, key);
+        // An idle claude may now go to a session waiting for a slot.
+        self.rebalance(now);
         self.maybe_finish_shutdown(now);
     }
 

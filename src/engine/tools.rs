@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use super::history;
 use super::openclaw::fingerprint;
 use super::turn::{Answer, Listener, PendingCall, Turn};
 use super::{Engine, Output, ProcId};
@@ -102,10 +103,9 @@ impl Engine {
             }
             return Some(l);
         };
-        self.send_to_channel(
-            key,
-            ToChannel::ToolResult { call_ref: asked.call_ref, content: result.text(), is_error: false },
-        );
+        let content = result.text();
+        self.heard(key, history::tool_print(result.tool_call_id.as_deref().unwrap_or(""), &content));
+        self.send_to_channel(key, ToChannel::ToolResult { call_ref: asked.call_ref, content, is_error: false });
         self.with_current(key, |engine, turn| engine.listen(now, key, turn, l));
         None
     }

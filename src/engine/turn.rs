@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::attachments::Attachment;
+use super::history::{answer_print, call_print, Missed};
 use super::{ConnId, Engine, Output};
 use crate::wire::http::Response;
 use crate::wire::openai::{self, ApiError, Completion, ToolCall};
@@ -38,6 +40,12 @@ pub struct Parts {
     pub history: String,
     /// The new user messages.
     pub text: String,
+    /// Fingerprints of the new user messages' pieces (remembered as heard once delivered).
+    pub prints: Vec<u64>,
+    /// Attachments the new user messages name.
+    pub files: Vec<Attachment>,
+    /// What the Claude session missed of the conversation (handed over unless it is fresh).
+    pub missed: Missed,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -153,7 +161,9 @@ impl Engine {
     /// End every listener's response with `answer`.
     pub(super) fn answer(&mut self, turn: &mut Turn, answer: &Answer) {
         for l in std::mem::take(&mut turn.listeners) {
-            self.waiting.remove(&l.conn);
+            if let (Some(key), Answer::Text(text)) = (self.waiting.remove(&l.conn), answer) {
+                self.remember_answer(&key, answer_print(text));
+            }
             let (conn, c) = (l.conn, &l.completion);
             match answer {
                 Answer::Text(_) if l.stream => {
@@ -183,7 +193,9 @@ impl Engine {
     pub(super) fn answer_tool_call(&mut self, turn: &mut Turn, call: &ToolCall) {
         let text = turn.replies.join("\n\n");
         for l in std::mem::take(&mut turn.listeners) {
-            self.waiting.remove(&l.conn);
+            if let Some(key) = self.waiting.remove(&l.conn) {
+                self.remember_answer(&key, call_print(&call.id));
+            }
             let (conn, c) = (l.conn, &l.completion);
             if l.stream {
                 let mut data = openai::tool_call_chunk(c, call);

@@ -2,6 +2,7 @@
 //! outputs into syscalls, and holds no session logic of its own.
 
 pub mod conn;
+mod memory;
 pub mod spawn;
 mod upgrade;
 
@@ -29,6 +30,8 @@ use upgrade::{ChildSnapshot, Handover};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
+/// How often memory is read for the pool policy (when `min_free_memory` is set).
+const MEMORY_SAMPLE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Pause before accepting again after EMFILE/ENFILE (sozu does the same).
 const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Connections over `max_connections` that still get their 503 (then the next are closed at once).
@@ -73,6 +76,8 @@ struct Shell {
     /// Connections that may have a next request to serve (an answer completed or output drained),
     /// each served once per turn of the loop.
     pump: Vec<Token>,
+    /// When to read memory next (`min_free_memory`).
+    next_memory_check: Option<Instant>,
     /// `accept` failed for lack of resources: try again after `ACCEPT_RETRY`.
     accept_retry: bool,
     /// The opt-in JSONL trace (`trace_file`).
@@ -200,6 +205,7 @@ impl Shell {
             None => Box::new(RandomIds),
         };
         let engine = engine(Settings::from_config(&config), ids)?;
+        let next_memory_check = (config.min_free_memory > 0).then_some(start);
         Ok(Shell {
             config,
             config_path,
@@ -218,6 +224,7 @@ impl Shell {
             conns: 0,
             refusing: false,
             pump: Vec::new(),
+            next_memory_check,
             trace,
             dead: Vec::new(),
             exit: false,
@@ -254,8 +261,9 @@ impl Shell {
             if self.accept_retry {
                 timeout = Some(timeout.map_or(ACCEPT_RETRY, |t| t.min(ACCEPT_RETRY)));
             }
-            let idle_check = self.next_idle_check.saturating_duration_since(Instant::now());
-            timeout = Some(timeout.map_or(idle_check, |t| t.min(idle_check)));
+            let own = self.next_memory_check.map_or(self.next_idle_check, |m| m.min(self.next_idle_check));
+            let own = own.saturating_duration_since(Instant::now());
+            timeout = Some(timeout.map_or(own, |t| t.min(own)));
             if !self.pump.is_empty() {
                 timeout = Some(std::time::Duration::ZERO);
             }
@@ -281,6 +289,9 @@ impl Shell {
             }
             if Instant::now() >= self.next_idle_check {
                 self.close_idle_connections();
+            }
+            if self.next_memory_check.is_some_and(|t| Instant::now() >= t) {
+                self.read_memory();
             }
             if self.engine.poll_timeout().is_some_and(|t| t <= Instant::now()) {
                 self.feed(Input::Tick);
@@ -354,10 +365,22 @@ impl Shell {
                 });
                 self.feed(Input::Saved { error });
             }
-            Output::Status { conn, mut report } => {
-                for p in &mut report.processes {
-                    p.rss_kib = p.pid.and_then(rss_kib);
+            Output::WriteAttachment { path, bytes } => {
+                if let Err(e) = crate::attachments::write(std::path::Path::new(&path), &bytes) {
+                    log::error!("cannot write attachment {path}: {e}");
                 }
+            }
+            Output::RemoveAttachments { dir } => {
+                if let Err(e) = crate::attachments::remove(std::path::Path::new(&dir)) {
+                    log::error!("cannot remove attachments {dir}: {e}");
+                }
+            }
+            Output::Status { conn, mut report } => {
+                let groups = memory::group_rss();
+                for p in &mut report.processes {
+                    p.rss_kib = p.pid.and_then(|pid| groups.get(&pid)).map(|b| b / 1024);
+                }
+                report.memory_available = memory::available();
                 let body = serde_json::to_string_pretty(&report).expect("status serialises");
                 self.with_http(conn, |c| c.respond(&crate::wire::http::Response::json(200, body)));
             }
@@ -391,6 +414,15 @@ impl Shell {
         if let Some(deadline) = c.deadline() {
             self.next_idle_check = self.next_idle_check.min(deadline);
         }
+    }
+
+    /// Tell the engine what memory the host has left and what each claude's group holds.
+    fn read_memory(&mut self) {
+        self.next_memory_check = Some(Instant::now() + MEMORY_SAMPLE);
+        let Some(available) = memory::available() else { return };
+        let groups = memory::group_rss();
+        let claudes = self.children.iter().map(|(proc, c)| (*proc, groups.get(&c.pid).copied().unwrap_or(0))).collect();
+        self.feed(Input::Memory { available, groups: claudes });
     }
 
     /// Keep-alive connections with no request for `http_idle_timeout` are closed (a turn being
@@ -731,11 +763,4 @@ fn raise_fd_limit(want: usize) {
             lim.rlim_cur
         );
     }
-}
-
-/// Resident memory of a process, from /proc.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -77,6 +77,9 @@ impl Launch<'_> {
         let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
         let c = self.config;
         let session_flag = if resume { "--resume" } else { "--session-id" };
+        // Claude may Read the images and files synthesis wrote for it, and nothing else beyond
+        // what allowed_tools grants.
+        let allowed_tools = format!("{} {}", c.allowed_tools, crate::attachments::read_rule(&c.state_dir));
         let mut args: Vec<String> = [
             "--dangerously-load-development-channels",
             "server:synthesis",
@@ -90,7 +93,7 @@ impl Launch<'_> {
             "--permission-mode",
             &c.permission_mode,
             "--allowed-tools",
-            &c.allowed_tools,
+            &allowed_tools,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -226,10 +229,10 @@ mod tests {
         assert_eq!(settings["hooks"]["StopFailure"][0]["hooks"][0]["url"], "http://127.0.0.1:8787/hooks/stop-failure");
         assert_eq!(args[7..9], ["--session-id", "u-1"]);
         assert_eq!(launch.args(&spec, true, dir)[7], "--resume");
-        assert_eq!(
-            args[9..],
-            ["--permission-mode", "default", "--allowed-tools", "mcp__synthesis__*", "--model", "opus"]
-        );
+        let read = format!("Read(/{}/state/attachments/**)", std::env::current_dir().unwrap().display());
+        let allowed = format!("mcp__synthesis__* {read}");
+        assert!(read.starts_with("Read(//"), "an absolute path in Claude Code's rule syntax: {read}");
+        assert_eq!(args[9..], ["--permission-mode", "default", "--allowed-tools", &allowed, "--model", "opus"]);
     }
 
     #[test]

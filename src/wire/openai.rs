@@ -37,6 +37,9 @@ pub struct ChatMessage {
     /// On `role: "tool"` messages: the call this is the result of.
     #[serde(default)]
     pub tool_call_id: Option<String>,
+    /// On `role: "assistant"` messages: the tools it called (OpenAI `tool_calls` array).
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
 }
 
 impl ChatMessage {
@@ -64,17 +67,6 @@ impl ChatRequest {
             .filter(|t| !t.is_empty())
             .collect::<Vec<_>>()
             .join("\n\n")
-    }
-
-    /// The conversation before the new input, as `[role]: text` lines (no system messages).
-    pub fn earlier_history(&self) -> String {
-        let end = self.messages.iter().rposition(|m| m.role == "assistant").map_or(0, |i| i + 1);
-        self.messages[..end]
-            .iter()
-            .filter(|m| m.role != "system")
-            .map(|m| format!("[{}]: {}", m.role, m.text()))
-            .collect::<Vec<_>>()
-            .join("\n")
     }
 
     pub fn include_usage(&self) -> bool {

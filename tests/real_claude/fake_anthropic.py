@@ -14,6 +14,8 @@ assistant messages after it, so multi-step scripts continue across tool results:
   #tool      step 0: call the client tool mcp__synthesis__ls {"path": "."}
   #toolNAME  the same with the client tool mcp__synthesis__NAME
              step 1: reply "echo: tool result: <the tool's result text>"   then: text "done"
+  #read      step 0: Read the first attachment the message names ("[image attached: PATH — ...")
+             step 1: reply "echo: read <n> image block(s)" (n: image blocks in the Read result)
 Requests without a channel tag (titles, probes) get a short text answer.
 Every /v1/messages body is appended to LOGFILE as one JSON line.
 """
@@ -52,6 +54,20 @@ def tool_result_text(message):
     return None
 
 
+ATTACHED = re.compile(r"\[(?:image|file) attached: (?:.* at )?(/\S+) — open it with the Read tool\]")
+
+
+def image_blocks(msgs):
+    """Image blocks inside the newest tool_result."""
+    for m in reversed(msgs):
+        content = m.get("content")
+        for block in content if isinstance(content, list) else []:
+            if isinstance(block, dict) and block.get("type") == "tool_result":
+                inner = block.get("content")
+                return [b for b in inner if isinstance(b, dict) and b.get("type") == "image"] if isinstance(inner, list) else []
+    return []
+
+
 def script(body):
     """(blocks, stop_reason, directives) for a request."""
     msgs = body.get("messages") or []
@@ -80,6 +96,13 @@ def script(body):
         result = next((t for t in map(tool_result_text, reversed(msgs)) if t is not None), "")
         return [reply(f"echo: bash said: {result.strip()}")], "tool_use", dirs
     if "bash" in dirs:
+        return done
+    if "read" in dirs and step == 0:
+        path = ATTACHED.search(inner).group(1)
+        return [{"type": "tool_use", "id": next_id("toolu"), "name": "Read", "input": {"file_path": path}}], "tool_use", dirs
+    if "read" in dirs and step == 1:
+        return [reply(f"echo: read {len(image_blocks(msgs))} image block(s)")], "tool_use", dirs
+    if "read" in dirs:
         return done
     tool = next((d[4:] or "ls" for d in dirs if d.startswith("tool")), None)
     if tool and step == 0:

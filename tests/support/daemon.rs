@@ -53,8 +53,15 @@ impl Daemon {
 
     /// Start the synthesis binary at `bin` (a copy the test may replace, for upgrades).
     pub fn launch_bin(dir: PathBuf, bin: &Path, claude: &Path, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        // Any port, and no warm spare (most tests count the claudes they cause), unless the test
+        // says otherwise in `extra`.
+        let defaults: String = [("listen", "127.0.0.1:0"), ("spare_processes", "0")]
+            .iter()
+            .filter(|(key, _)| !extra.contains(key))
+            .map(|(key, value)| format!("{key} = {value}\n"))
+            .collect();
         let conf = format!(
-            "listen = 127.0.0.1:0\napi_key = {API_KEY}\nstate_dir = {}\nworkspace = {}\nclaude_command = {}\n{extra}\n",
+            "{defaults}api_key = {API_KEY}\nstate_dir = {}\nworkspace = {}\nclaude_command = {}\n{extra}\n",
             dir.join("state").display(),
             dir.join("ws").display(),
             claude.display()

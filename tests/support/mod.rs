@@ -32,6 +32,9 @@ pub fn settings() -> Settings {
         tools_allow: vec!["*".into()],
         tools_deny: Vec::new(),
         permissions: synthesis::engine::Permissions::Relay,
+        attachments_dir: "/state/attachments".into(),
+        spare_processes: 0,
+        min_free_memory: 0,
     }
 }
 
@@ -222,4 +225,13 @@ pub fn capture(name: &str) -> Request {
         .collect();
     let body = c["raw_body"].as_str().map_or_else(|| c["body"].to_string(), String::from);
     Request { method: c["method"].as_str().unwrap().into(), path: c["path"].as_str().unwrap().into(), headers, body }
+}
+
+/// The last assistant answer in a capture's history: what synthesis answered the turn before.
+/// Replay tests answer with it, so that the next capture's history holds this session's answer.
+pub fn captured_answer(name: &str) -> String {
+    let body: Value = serde_json::from_str(&capture(name).body).unwrap();
+    let messages = body["messages"].as_array().unwrap();
+    let last = messages.iter().rev().find(|m| m["role"] == "assistant").expect("an assistant message");
+    last["content"].as_str().unwrap().to_string()
 }
