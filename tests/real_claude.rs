@@ -353,3 +353,28 @@ fn a_tool_added_mid_session_reaches_claude() {
     let call = &r.json()["choices"][0]["message"]["tool_calls"][0];
     assert_eq!(call["function"]["name"], "cat", "{}", r.body);
 }
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn usage_is_the_scripted_apis_numbers_for_json_and_streamed_turns() {
+    let real = Real::start("usage");
+    // fake_anthropic.py's usage for a default turn's two calls: input 101 + 102, output 7 + 8,
+    // cache read 5000 + 10000, cache creation 300.
+    let expected = json!({"prompt_tokens": 203 + 15000 + 300, "completion_tokens": 15,
+                          "total_tokens": 203 + 15000 + 300 + 15, "prompt_tokens_details": {"cached_tokens": 15000}});
+    for i in 0..3 {
+        let r = real.d().client().chat("a", &format!("count me {i}"), false);
+        assert_eq!(r.json()["usage"], expected, "{}", r.body);
+    }
+    // An identical retry gets the same answer, and what it cost.
+    assert_eq!(real.d().client().chat("a", "count me 2", false).json()["usage"], expected);
+    let r = real.d().client().chat("a", "count me streamed", true);
+    let events = r.events();
+    let chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(chunk["usage"], expected);
+    // One call, answered without `reply`.
+    let r = real.d().client().chat("a", "#plain only text", false);
+    assert_eq!(r.json()["usage"]["prompt_tokens"], 101 + 5000 + 300);
+    let waited = real.d().log_lines("usage may be short");
+    assert!(waited.is_empty(), "the transcript always showed the answer in time: {waited:?}");
+}

@@ -38,7 +38,8 @@ fn json_turn_from_spawn_to_answer() {
         json!({
             "id": "chatcmpl-t2", "object": "chat.completion", "created": 1_790_000_000u64, "model": "claude-code",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "echo: hello there"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                      "prompt_tokens_details": {"cached_tokens": 0}}
         })
     );
 }

@@ -7,15 +7,18 @@
 
 mod api;
 mod clock;
+mod metrics;
 mod openclaw;
 mod permissions;
 pub use api::{session_key, HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
+pub use metrics::{HostFigures, Metrics, MetricsReport};
 pub use permissions::Permissions;
 mod process;
 pub mod screen;
 mod session;
 mod tools;
 mod turn;
+mod usage;
 pub use turn::error_response;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -25,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::bridge::{FromChannel, ToChannel};
 use crate::wire::http::{Request, Response};
+pub use crate::wire::transcript::{Read as TranscriptRead, Usage};
 use process::Process;
 use session::Session;
 
@@ -74,6 +78,13 @@ pub enum Input {
     Exited {
         proc: ProcId,
         status: String,
+    },
+    /// What claude's transcript gained since the last read: token usage per turn, and whether
+    /// the newest turn's answer has been written. The shell reads it before it feeds a Stop hook
+    /// or a client-tool or permission request of that process, and on `ReadTranscript`.
+    Usage {
+        proc: ProcId,
+        read: TranscriptRead,
     },
     /// How the last `SaveSessions` went: `error` when the map could not be written.
     Saved {
@@ -134,6 +145,10 @@ pub enum Output {
         proc: ProcId,
         data: String,
     },
+    /// Read the process's transcript now (answered at once with `Input::Usage`, if readable).
+    ReadTranscript {
+        proc: ProcId,
+    },
     /// Signal the process group.
     Signal {
         proc: ProcId,
@@ -147,6 +162,11 @@ pub enum Output {
     Status {
         conn: ConnId,
         report: StatusReport,
+    },
+    /// Answer `GET /metrics`: render `report` with the figures only /proc has.
+    Metrics {
+        conn: ConnId,
+        report: MetricsReport,
     },
     /// Every process is gone after a shutdown: exit 0.
     Exit,
@@ -303,6 +323,8 @@ struct State {
     sessions_dirty: bool,
     save_error: Option<String>,
     unix_secs: u64,
+    #[serde(default)]
+    metrics: Metrics,
 }
 
 pub struct Engine {
@@ -326,6 +348,7 @@ pub struct Engine {
     save_error: Option<String>,
     /// Newest wall-clock time seen (unix seconds, from requests): the engine has no clock.
     unix_secs: u64,
+    metrics: Metrics,
     outputs: VecDeque<Output>,
 }
 
@@ -345,6 +368,7 @@ impl Engine {
             sessions_dirty: false,
             save_error: None,
             unix_secs: 0,
+            metrics: Metrics::default(),
             outputs: VecDeque::new(),
         }
     }
@@ -364,6 +388,7 @@ impl Engine {
             sessions_dirty: self.sessions_dirty,
             save_error: self.save_error.clone(),
             unix_secs: self.unix_secs,
+            metrics: std::mem::take(&mut self.metrics),
         };
         let json = clock::with_base(now, || serde_json::to_string(&state)).expect("engine state serialises");
         self.put_back(state);
@@ -391,6 +416,7 @@ impl Engine {
         self.sessions_dirty = state.sessions_dirty;
         self.save_error = state.save_error;
         self.unix_secs = state.unix_secs;
+        self.metrics = state.metrics;
     }
 
     /// Sessions known from an earlier run: their next process resumes their Claude session.
@@ -413,6 +439,7 @@ impl Engine {
             Input::SpawnFailed { proc, error } => self.on_spawn_failed(now, proc, error),
             Input::Terminal { proc, text } => self.on_terminal(now, proc, &text),
             Input::Exited { proc, status } => self.on_exited(now, proc, &status),
+            Input::Usage { proc, read } => self.on_usage(now, proc, read),
             Input::Saved { error } => self.on_saved(error),
             Input::Shutdown => self.on_shutdown(now),
             Input::Tick => self.on_tick(now),
@@ -461,7 +488,7 @@ impl Engine {
         }
         log::info!("shutting down: {} sessions, {} processes", self.sessions.len(), self.procs.len());
         self.shutdown = Shutdown::Draining(now + self.settings.shutdown_grace);
-        self.fail_all_queued();
+        self.fail_all_queued(now);
         self.maybe_finish_shutdown(now);
     }
 
@@ -532,6 +559,17 @@ impl Engine {
 
     fn push(&mut self, out: Output) {
         self.outputs.push_back(out);
+    }
+
+    /// The process a hook request comes from (by its token), so that the shell can read that
+    /// claude's transcript before feeding the hook.
+    pub fn process_of_hook(&self, req: &Request) -> Option<ProcId> {
+        self.process_by_hook_token(req.bearer()?)
+    }
+
+    /// The process bound to a bridge connection.
+    pub fn process_of_bridge(&self, conn: ConnId) -> Option<ProcId> {
+        self.bridges.get(&conn).copied()
     }
 
     /// Draining or stopping after SIGTERM/SIGINT.

@@ -70,6 +70,9 @@ pub struct Process {
     pub tools_wait_until: Option<Instant>,
     /// Why synthesis is stopping it, for the turn that is cut short.
     stop_reason: Option<String>,
+    /// The shell reads its transcript (so a turn's response can wait for the turn's usage).
+    #[serde(default)]
+    pub transcript_read: bool,
 }
 
 impl Process {
@@ -191,6 +194,7 @@ impl Engine {
             tools_sent: None,
             tools_wait_until: None,
             stop_reason: None,
+            transcript_read: false,
         };
         self.procs.insert(id, proc);
         self.push(Output::Spawn { proc: id, spec });
@@ -228,7 +232,7 @@ impl Engine {
         let msg = format!("cannot start claude: {error}; check claude_command in synthesis.conf");
         log::error!("session {}: {msg}", p.session);
         self.detach(&p);
-        self.fail_queued(&p.session, &ApiError::new(502, "claude_spawn_failed", msg));
+        self.fail_queued(now, &p.session, &ApiError::new(502, "claude_spawn_failed", msg));
         self.serve_slot_waiters(now);
         self.maybe_exit();
     }
@@ -338,8 +342,9 @@ impl Engine {
         p.confirm_at = None;
         p.idle_since = now;
         let key = p.session.clone();
-        let ms = now.duration_since(p.started).as_millis();
-        log::info!("session {key}: process {id} ready after {ms} ms");
+        let took = now.duration_since(p.started);
+        log::info!("session {key}: process {id} ready after {} ms", took.as_millis());
+        self.metrics.spawn_duration.observe(took);
         self.deliver_next(now, &key);
     }
 
@@ -364,7 +369,9 @@ impl Engine {
         let key = p.session.clone();
         let why = p.stop_reason.as_ref().map_or(String::new(), |r| format!(" (synthesis was stopping it: {r})"));
         let reason = format!("{} exited ({status}){why}", p.describe());
-        if self.sessions[&key].current.is_some() {
+        if self.sessions[&key].current.as_ref().is_some_and(|t| t.awaits_usage()) {
+            self.end_stopped_turn(now, &key); // Claude had answered it
+        } else if self.sessions[&key].current.is_some() {
             let msg = format!("{reason} during the turn; {}", p.tail());
             self.end_turn(now, &key, Answer::Error(ApiError::new(502, "claude_exited", msg)));
         }
@@ -372,11 +379,11 @@ impl Engine {
         if queued && p.state == ProcState::Starting {
             // Died before becoming ready: respawning would likely loop; report why.
             let msg = format!("{reason} before its channel was ready; {}", p.tail());
-            self.fail_queued(&key, &ApiError::new(502, "claude_start_failed", msg));
+            self.fail_queued(now, &key, &ApiError::new(502, "claude_start_failed", msg));
         } else if queued && !self.shutting_down() {
             // Queued turns go to a fresh process that resumes the same Claude session.
             if let Err(e) = self.ensure_process(now, &key) {
-                self.fail_queued(&key, &e);
+                self.fail_queued(now, &key, &e);
             }
         }
         self.serve_slot_waiters(now);
@@ -401,7 +408,7 @@ impl Engine {
         if self.sessions[&key].current.is_some() {
             self.end_turn(now, &key, Answer::Error(err.clone()));
         }
-        self.fail_queued(&key, &err);
+        self.fail_queued(now, &key, &err);
     }
 
     /// SIGTERM to the process group, SIGKILL after `stop_grace`.
@@ -496,6 +503,7 @@ impl Engine {
         }
         p.deliveries += 1;
         p.redeliver_at = Some(now + ACK_TIMEOUT);
+        self.metrics.deliveries_repeated += 1;
         log::warn!("session {key}: claude has not taken {} yet, delivering again", turn.chat_id);
         let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
         self.push(Output::Bridge { conn, frame });

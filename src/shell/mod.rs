@@ -2,7 +2,9 @@
 //! outputs into syscalls, and holds no session logic of its own.
 
 mod conn;
+mod procfs;
 pub mod spawn;
+mod transcript;
 mod upgrade;
 
 use std::cell::RefCell;
@@ -23,8 +25,10 @@ use signal_hook_mio::v1_0::Signals;
 use crate::config::Config;
 use crate::engine::{Engine, Ids, Input, Output, ProcId, RandomIds, Settings, Signal};
 use crate::trace::{Record, Trace, TracedIds};
+use crate::wire::bridge::FromChannel;
 use conn::{BridgeConn, BridgeEvent, HttpConn, HttpEvent};
 use spawn::{home, Launch};
+use transcript::Transcript;
 use upgrade::{ChildSnapshot, Handover};
 
 const LISTENER: Token = Token(0);
@@ -43,6 +47,8 @@ struct Child {
     pid: u32,
     master: OwnedFd,
     token: Token,
+    /// Its session transcript, read for token usage.
+    transcript: Option<Transcript>,
 }
 
 struct Shell {
@@ -141,7 +147,8 @@ impl Shell {
             let master = unsafe { OwnedFd::from_raw_fd(c.master) };
             shell.poll.registry().register(&mut SourceFd(&c.master), Token(c.token), Interest::READABLE)?;
             shell.sources.insert(Token(c.token), Source::Terminal(c.proc));
-            shell.children.insert(c.proc, Child { pid: c.pid, master, token: Token(c.token) });
+            let child = Child { pid: c.pid, master, token: Token(c.token), transcript: c.transcript };
+            shell.children.insert(c.proc, child);
         }
         log::info!(
             "upgraded in place (pid {}): {} connections, {} claude processes, listening on http://{}",
@@ -289,6 +296,7 @@ impl Shell {
                 }
             }
             Output::Spawn { proc, spec } => self.spawn(proc, &spec),
+            Output::ReadTranscript { proc } => self.read_usage(proc),
             Output::WriteTerminal { proc, data } => {
                 if let Some(child) = self.children.get(&proc) {
                     // A few bytes (Enter, ESC): the terminal buffer always takes them.
@@ -318,10 +326,16 @@ impl Shell {
             }
             Output::Status { conn, mut report } => {
                 for p in &mut report.processes {
-                    p.rss_kib = p.pid.and_then(rss_kib);
+                    p.rss_kib = p.pid.and_then(procfs::rss_kib);
                 }
                 let body = serde_json::to_string_pretty(&report).expect("status serialises");
                 self.with_http(conn, |c| c.respond(&crate::wire::http::Response::json(200, body)));
+            }
+            Output::Metrics { conn, report } => {
+                let text = report.render(&procfs::host_figures(&report.claude_pids));
+                let content_type = ("content-type".into(), crate::wire::prometheus::CONTENT_TYPE.into());
+                let response = crate::wire::http::Response { status: 200, headers: vec![content_type], body: text };
+                self.with_http(conn, |c| c.respond(&response));
             }
             Output::Exit => self.exit = true,
         }
@@ -420,6 +434,13 @@ impl Shell {
         let conn = token.0 as u64;
         match ev {
             HttpEvent::Request(request) => {
+                let path = request.path.split('?').next().unwrap_or("");
+                if path == crate::engine::HOOK_STOP || path == crate::engine::HOOK_STOP_FAILURE {
+                    // The turn ends with this hook: its usage first.
+                    if let Some(proc) = self.engine.process_of_hook(&request) {
+                        self.read_usage(proc);
+                    }
+                }
                 let unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 self.feed(Input::Http { conn, request, unix_secs });
             }
@@ -445,7 +466,15 @@ impl Shell {
         let conn = token.0 as u64;
         for ev in events {
             match ev {
-                BridgeEvent::Frame(frame) => self.feed(Input::BridgeFrame { conn, frame }),
+                BridgeEvent::Frame(frame) => {
+                    if matches!(frame, FromChannel::ToolCall { .. } | FromChannel::PermissionRequest { .. }) {
+                        // This ends a response (it asks the client): its usage first.
+                        if let Some(proc) = self.engine.process_of_bridge(conn) {
+                            self.read_usage(proc);
+                        }
+                    }
+                    self.feed(Input::BridgeFrame { conn, frame })
+                }
                 BridgeEvent::Closed => self.close(token),
             }
         }
@@ -487,6 +516,8 @@ impl Shell {
         };
         let tmpdir = self.config.state_dir.join("tmp").join(proc.to_string());
         let resumed = launch.resumes(&spec.session_uuid);
+        // From the transcript's present end: a resumed session's earlier calls are not this process's.
+        let transcript = Some(Transcript::open(launch.transcript(&spec.session_uuid)));
         let flag = if resumed { "--resume" } else { "--session-id" };
         log::info!("process {proc}: starting {} {flag} {}", self.config.claude_command, spec.session_uuid);
         match launch.spawn(spec, resumed, &tmpdir) {
@@ -498,10 +529,18 @@ impl Shell {
                     log::error!("cannot watch claude's terminal: {e}");
                 }
                 self.sources.insert(token, Source::Terminal(proc));
-                self.children.insert(proc, Child { pid, master, token });
+                self.children.insert(proc, Child { pid, master, token, transcript });
                 self.feed(Input::Spawned { proc, pid, resumed });
             }
             Err(e) => self.feed(Input::SpawnFailed { proc, error: e.to_string() }),
+        }
+    }
+
+    /// Feed the engine the usage claude's transcript gained since the last read.
+    fn read_usage(&mut self, proc: ProcId) {
+        let Some(t) = self.children.get_mut(&proc).and_then(|c| c.transcript.as_mut()) else { return };
+        if let Some(read) = t.read() {
+            self.feed(Input::Usage { proc, read });
         }
     }
 
@@ -579,7 +618,13 @@ impl Shell {
         let children = self
             .children
             .iter()
-            .map(|(proc, c)| ChildSnapshot { proc: *proc, pid: c.pid, master: c.master.as_raw_fd(), token: c.token.0 })
+            .map(|(proc, c)| ChildSnapshot {
+                proc: *proc,
+                pid: c.pid,
+                master: c.master.as_raw_fd(),
+                token: c.token.0,
+                transcript: c.transcript.clone(),
+            })
             .collect();
         Handover {
             engine: self.engine.export(now),
@@ -622,11 +667,4 @@ fn describe_status(status: i32) -> String {
     } else {
         format!("wait status {status}")
     }
-}
-
-/// Resident memory of a process, from /proc.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }

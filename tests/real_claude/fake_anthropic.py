@@ -15,6 +15,7 @@ assistant messages after it, so multi-step scripts continue across tool results:
   #toolNAME  the same with the client tool mcp__synthesis__NAME
              step 1: reply "echo: tool result: <the tool's result text>"   then: text "done"
 Requests without a channel tag (titles, probes) get a short text answer.
+Usage is scripted too, distinct per step (see `usage`), so a test can check the sums synthesis reports.
 Every /v1/messages body is appended to LOGFILE as one JSON line.
 """
 import json
@@ -49,6 +50,24 @@ def tool_result_text(message):
         if isinstance(block, dict) and block.get("type") == "tool_result":
             content = block.get("content")
             return content if isinstance(content, str) else text_of(content)
+    return None
+
+
+def usage(step):
+    """The usage reported for a call: step N of a channel turn, or None for other requests.
+    A default turn (steps 0 and 1): input 203, output 15, cache read 15000, cache creation 300."""
+    if step is None:
+        return {"input_tokens": 2, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    return {"input_tokens": 101 + step, "output_tokens": 7 + step, "cache_read_input_tokens": 5000 * (step + 1),
+            "cache_creation_input_tokens": 300 if step == 0 else 0}
+
+
+def channel_step(body):
+    """The step of a channel turn this request is, or None."""
+    msgs = body.get("messages") or []
+    for i in range(len(msgs) - 1, -1, -1):
+        if msgs[i].get("role") == "user" and CHANNEL.findall(text_of(msgs[i].get("content"))):
+            return sum(1 for m in msgs[i + 1:] if m.get("role") == "assistant")
     return None
 
 
@@ -143,9 +162,9 @@ class Handler(BaseHTTPRequestHandler):
         if "err400" in dirs:
             return self.json_response(400, {"type": "error", "error": {
                 "type": "invalid_request_error", "message": "scripted failure"}})
-        usage = {"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        call_usage = usage(channel_step(body))
         message = {"id": next_id("msg"), "type": "message", "role": "assistant", "model": body.get("model", "fake"),
-                   "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
+                   "content": [], "stop_reason": None, "stop_sequence": None, "usage": call_usage}
         try:
             if not body.get("stream"):
                 return self.json_response(200, {**message, "content": blocks, "stop_reason": stop})
@@ -168,7 +187,7 @@ class Handler(BaseHTTPRequestHandler):
                     event("content_block_delta", {"index": i, "delta": {
                         "type": "input_json_delta", "partial_json": json.dumps(b["input"])}})
                 event("content_block_stop", {"index": i})
-            event("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": 5}})
+            event("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": call_usage["output_tokens"]}})
             event("message_stop", {})
         except (BrokenPipeError, ConnectionResetError):
             pass
