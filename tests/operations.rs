@@ -289,3 +289,73 @@ fn metrics_parse_with_the_prometheus_client_parser() {
     assert!(samples.contains_key("process_cpu_seconds_total"));
     assert_eq!(samples.get("synthesis_build_info{version=0.1.0}"), Some(&1.0));
 }
+
+// ---- the command line, configuration from the environment, log lines ----
+
+fn synthesis(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_synthesis"))
+        .args(args)
+        .env_remove("SYNTHESIS_REAL_CLAUDE")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn version_help_and_precise_usage_errors() {
+    let out = synthesis(&["--version"], &[]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("synthesis {}\n", env!("CARGO_PKG_VERSION")));
+    assert_eq!(synthesis(&["-V"], &[]).stdout, out.stdout);
+    let help = synthesis(&["--help"], &[]);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("synthesis --version | -V"));
+    let out = synthesis(&["--config"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("synthesis: --config needs a path: --config PATH\n"));
+    let out = synthesis(&["doctor", "--bogus"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown option \"--bogus\""));
+}
+
+#[test]
+fn environment_overrides_are_checked_named_and_logged_with_timestamps() {
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/synthesis.conf");
+    let out = synthesis(&["--check", "--config", conf], &[("SYNTHESIS_RETRY_GRACE", "soon")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("environment variable SYNTHESIS_RETRY_GRACE: expected a duration like 15s, not \"soon\""),
+        "{err}"
+    );
+    let out =
+        synthesis(&["--check", "--config", conf], &[("SYNTHESIS_RETRY_GRAEC", "5s"), ("SYNTHESIS_HOOK_TOKEN", "x")]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let warning = err.lines().find(|l| l.contains("SYNTHESIS_")).expect("a warning");
+    assert!(
+        warning.ends_with(
+            "] ignoring environment variable SYNTHESIS_RETRY_GRAEC: synthesis has no such setting (see synthesis.conf)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("SYNTHESIS_HOOK_TOKEN"), "synthesis's own variable is no setting: {err}");
+    // `[2026-11-25T21:45:02.346Z WARN  synthesis::config] ...`
+    let stamp = &warning[1..25];
+    let shape: String = stamp.chars().map(|c| if c.is_ascii_digit() { '0' } else { c }).collect();
+    assert_eq!(shape, "0000-00-00T00:00:00.000Z", "{warning}");
+    assert_eq!(&warning[25..31], " WARN ");
+}
+
+#[test]
+fn every_setting_works_from_the_environment_in_the_running_daemon() {
+    // trust_workspace, retry_grace and http_idle_timeout used to be read from the file only.
+    let d = Daemon::start(
+        "envkeys",
+        "",
+        &[("FAKE_CLAUDE_SCREEN", "trust"), ("SYNTHESIS_TRUST_WORKSPACE", "yes"), ("SYNTHESIS_HTTP_IDLE_TIMEOUT", "1s")],
+    );
+    assert_eq!(d.client().chat("a", "hi", false).json()["choices"][0]["message"]["content"], "echo: hi");
+    let mut idle = d.client();
+    assert_eq!(idle.request("GET", "/healthz", &[], "").status, 200);
+    assert!(idle.closed(), "closed after http_idle_timeout = 1s");
+}

@@ -7,6 +7,8 @@ pub mod spawn;
 mod transcript;
 mod upgrade;
 
+pub use upgrade::ENV_FD as UPGRADE_ENV;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
@@ -171,8 +173,7 @@ impl Shell {
         start: Instant,
         engine: impl FnOnce(Settings, Box<dyn Ids>) -> io::Result<Engine>,
     ) -> io::Result<Self> {
-        let workspace =
-            with_context(format!("workspace {}", config.workspace.display()), config.workspace.canonicalize())?;
+        let workspace = with_context(format!("workspace {}", config.workspace.display()), config.workspace_dir())?;
         let self_exe = with_context("cannot find own binary", std::env::current_exe())?;
         let poll = Poll::new()?;
         let addr = listener.local_addr()?;

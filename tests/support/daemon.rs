@@ -65,6 +65,7 @@ impl Daemon {
             .env("HOME", dir.join("home"))
             .env("RUST_LOG", "info")
             .env("FAKE_CLAUDE_LOG", dir.join("delivered.jsonl"))
+            .env_remove("SYNTHESIS_REAL_CLAUDE") // the tests' own, not a setting of synthesis
             .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
@@ -316,6 +317,7 @@ pub fn doctor(name: &str, claude: &Path, seed: Option<serde_json::Value>, env: &
         .args(["doctor", "--config", dir.join("synthesis.conf").to_str().unwrap()])
         .env("HOME", dir.join("home"))
         .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("SYNTHESIS_REAL_CLAUDE")
         .envs(env.iter().copied())
         .output()
         .unwrap()
