@@ -19,7 +19,7 @@
 //! calls (`reply` asked for, then the answer) with the usage in `TRANSCRIPT_USAGE`.
 //! Environment: `FAKE_CLAUDE_LOG=<path>` appends each channel notification as a JSON line;
 //! `FAKE_CLAUDE_DROP_FIRST=1` drops the first notification (claude's registration race);
-//! `FAKE_CLAUDE_SCREEN=hang` never shows the dialog, `=trust` shows the workspace-trust screen.
+//! `FAKE_CLAUDE_SCREEN=hang` never shows the dialog, `=trust` shows the workspace-trust screen first.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -80,13 +80,7 @@ fn main() {
         Ok("hang") => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },
-        Ok("trust") => {
-            print!("\x1b[2J\x1b[HQuick safety check: Is this a project you created or one you trust?\r\n");
-            print!(" \x1b[1m❯ 1. Yes, I trust this folder\x1b[0m\r\n   2. No, exit\r\n");
-            flush();
-            wait_for_key(&events, b'\r');
-            std::process::exit(1);
-        }
+        Ok("trust") => trust_screen(&events),
         _ => {}
     }
     if flag("--dangerously-load-development-channels").is_some() {
@@ -169,6 +163,34 @@ fn spawn_key_reader(tx: Sender<Event>) {
             }
         }
     });
+}
+
+/// The workspace-trust screen as Claude Code 2.1.332 draws it: "No, exit" selected, "Yes, I trust
+/// this folder" below it; arrow down selects it, Enter confirms. Keys in the first 200 ms after
+/// drawing are lost, as on the real screen. Enter on "No, exit" exits.
+fn trust_screen(events: &Receiver<Event>) {
+    print!("\x1b[2J\x1b[HQuick safety check: Is this a project you created or one you trust?\r\n");
+    print!("  \x1b[1m❯ No, exit\x1b[0m\r\n    Yes, I trust this folder\r\n\r\n  Enter to confirm · Esc to cancel\r\n");
+    flush();
+    let drawn = Instant::now();
+    let (mut keys, mut yes) = (Vec::new(), false);
+    loop {
+        let Ok(Event::Key(k)) = events.recv() else { continue };
+        if drawn.elapsed() < Duration::from_millis(200) {
+            continue;
+        }
+        keys.push(k);
+        if keys.ends_with(b"\x1b[B") {
+            yes = true;
+            print!("\x1b[3;1H    No, exit\r\n  \x1b[1m❯ Yes, I trust this folder\x1b[0m\r\n");
+            flush();
+        } else if k == b'\r' && yes {
+            print!("\x1b[2J\x1b[H");
+            return;
+        } else if k == b'\r' {
+            std::process::exit(1);
+        }
+    }
 }
 
 fn wait_for_key(events: &Receiver<Event>, key: u8) {

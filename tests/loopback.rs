@@ -134,6 +134,13 @@ fn workspace_trust_screen_fails_fast_with_advice() {
 }
 
 #[test]
+fn trust_workspace_yes_answers_the_workspace_trust_screen() {
+    let d = Daemon::start("trustyes", "trust_workspace = yes", &[("FAKE_CLAUDE_SCREEN", "trust")]);
+    assert_eq!(d.client().chat("a", "hello", false).json()["choices"][0]["message"]["content"], "echo: hello");
+    d.wait_log("accepting Claude Code's workspace-trust question (trust_workspace = yes)");
+}
+
+#[test]
 fn concurrent_requests_on_one_session_get_separate_answers_in_order() {
     let d = Daemon::start("fifo", "", &[]);
     assert_eq!(d.client().chat("a", "warm up", false).status, 200);

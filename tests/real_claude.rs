@@ -56,19 +56,26 @@ struct Real {
     api: FakeApi,
     claude: PathBuf,
     daemon: Option<Daemon>,
+    /// Config lines for synthesis.
+    extra: &'static str,
 }
 
 impl Real {
     fn start(name: &str) -> Real {
+        Real::start_with(name, true, "retry_grace = 1s")
+    }
+
+    /// `trusted`: the seeded HOME trusts the workspace already (as after running claude there once).
+    fn start_with(name: &str, trusted: bool, extra: &'static str) -> Real {
         let claude = PathBuf::from(std::env::var("SYNTHESIS_REAL_CLAUDE").expect(NEEDS));
         let dir = std::env::temp_dir().join(format!("synthesis-real-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["home", "ws", "state"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
-        seed_home(&dir);
+        seed_home(&dir, trusted);
         let api = FakeApi::start(&dir);
-        let mut real = Real { api, claude, daemon: None };
+        let mut real = Real { api, claude, daemon: None, extra };
         real.restart_daemon(dir);
         real
     }
@@ -76,7 +83,7 @@ impl Real {
     fn restart_daemon(&mut self, dir: PathBuf) {
         let env = self.api.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.daemon = Some(Daemon::launch(dir, &self.claude, "retry_grace = 1s", &env));
+        self.daemon = Some(Daemon::launch(dir, &self.claude, self.extra, &env));
     }
 
     fn d(&self) -> &Daemon {
@@ -123,12 +130,15 @@ fn seed() -> Value {
     })
 }
 
-fn seed_home(dir: &std::path::Path) {
+fn seed_home(dir: &std::path::Path, trusted: bool) {
     let ws = dir.join("ws").canonicalize().unwrap();
     let mut cfg = seed();
-    cfg["projects"] = json!({ws.to_str().unwrap(): {
-        "hasTrustDialogAccepted": true, "hasCompletedProjectOnboarding": true, "allowedTools": [], "mcpServers": {}
-    }});
+    cfg["projects"] = json!({});
+    if trusted {
+        cfg["projects"] = json!({ws.to_str().unwrap(): {
+            "hasTrustDialogAccepted": true, "hasCompletedProjectOnboarding": true, "allowedTools": [], "mcpServers": {}
+        }});
+    }
     std::fs::write(dir.join("home/.claude.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
 }
 
@@ -377,4 +387,54 @@ fn usage_is_the_scripted_apis_numbers_for_json_and_streamed_turns() {
     assert_eq!(r.json()["usage"]["prompt_tokens"], 101 + 5000 + 300);
     let waited = real.d().log_lines("usage may be short");
     assert!(waited.is_empty(), "the transcript always showed the answer in time: {waited:?}");
+}
+
+/// The workspace in `Real`'s seeded ~/.claude.json: is it trusted?
+fn trusted_in_home(real: &Real) -> Option<bool> {
+    let home = std::fs::read_to_string(real.d().dir.join("home/.claude.json")).unwrap();
+    let home: Value = serde_json::from_str(&home).unwrap();
+    let ws = real.d().dir.join("ws").canonicalize().unwrap();
+    home["projects"][ws.to_str().unwrap()]["hasTrustDialogAccepted"].as_bool()
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn trust_workspace_yes_gets_claude_past_the_trust_screen_of_a_folder_it_has_never_seen() {
+    let real = Real::start_with("trustyes", false, "trust_workspace = yes");
+    assert_eq!(trusted_in_home(&real), None, "claude has never seen this folder");
+    assert_eq!(
+        content(&real.d().client().chat("a", "hello from a new folder", false)),
+        "echo: hello from a new folder"
+    );
+    real.d().wait_log("accepting Claude Code's workspace-trust question");
+    assert_eq!(trusted_in_home(&real), Some(true), "claude recorded the trust itself");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn without_trust_workspace_a_new_folder_fails_fast_with_advice() {
+    let real = Real::start_with("trustno", false, "");
+    let r = real.d().client().chat("a", "hello", false);
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "workspace_not_trusted");
+    assert_eq!(trusted_in_home(&real), None, "synthesis never accepts trust by itself");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn doctor_with_trust_workspace_yes_reports_the_trust_claude_recorded() {
+    let mut s = seed();
+    s["projects"] = json!({});
+    let claude = PathBuf::from(std::env::var("SYNTHESIS_REAL_CLAUDE").expect(NEEDS));
+    let api_dir = std::env::temp_dir().join(format!("synthesis-real-doctor-api-trustyes-{}", std::process::id()));
+    std::fs::create_dir_all(&api_dir).unwrap();
+    let api = FakeApi::start(&api_dir);
+    let mut env = api.env();
+    env.push(("SYNTHESIS_TRUST_WORKSPACE", "yes".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = doctor("real-trustyes", &claude, Some(s), &env);
+    let text = report(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ok    workspace trusted: ") && text.contains("claude recorded it"), "{text}");
+    assert!(text.contains("ok    claude registered the synthesis channel"), "{text}");
 }

@@ -554,11 +554,16 @@ fn trust_workspace_yes_accepts_the_trust_question() {
     let mut s = Script::new(st);
     s.input(chat(10, "a", "hi", false));
     s.input(Input::Spawned { proc: 1, pid: 7, resumed: false });
-    let out = s.input(Input::Terminal {
-        proc: 1,
-        text: "Is this a project you trust?\r\n 1. Yes, I trust this folder\r\n".into(),
-    });
-    assert_eq!(out, vec![Output::WriteTerminal { proc: 1, data: "1".into() }]);
+    // As Claude Code 2.1.332 draws it: "No, exit" selected; keys before the screen is drawn are lost.
+    let screen = "Is this a project you trust?\r\n  \u{276f} No, exit\r\n  Yes, I trust this folder\r\n";
+    assert!(s.input(Input::Terminal { proc: 1, text: screen.into() }).is_empty());
+    assert_eq!(s.advance(Duration::from_millis(300)), vec![Output::WriteTerminal { proc: 1, data: "\x1b[B".into() }]);
+    let redraw = "\r    No, exit\r  \u{276f} Yes, I trust this folder\r";
+    assert!(s.input(Input::Terminal { proc: 1, text: redraw.into() }).is_empty());
+    assert_eq!(s.advance(Duration::from_millis(300)), vec![Output::WriteTerminal { proc: 1, data: "\r".into() }]);
+    // Answered once: if the screen stays, the ready timeout reports it.
+    assert!(s.input(Input::Terminal { proc: 1, text: screen.into() }).is_empty());
+    assert!(s.advance(Duration::from_secs(1)).is_empty());
 }
 
 #[test]

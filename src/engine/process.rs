@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_ANSWER};
+use super::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_SELECT};
 use super::turn::Answer;
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, Signal, SpawnSpec};
 use crate::wire::bridge::{self, FromChannel, ToChannel};
@@ -43,7 +43,13 @@ pub struct Process {
     ready_deadline: Instant,
     #[serde(with = "super::clock::opt")]
     confirm_at: Option<Instant>,
+    /// What to type at `confirm_at`.
+    #[serde(default = "enter")]
+    confirm_keys: String,
     dialog_seen: bool,
+    /// The workspace-trust screen has been answered (trust_workspace = yes): never twice.
+    #[serde(default)]
+    trust_answered: bool,
     /// SIGKILL after this, while stopping.
     #[serde(with = "super::clock::opt")]
     kill_at: Option<Instant>,
@@ -108,6 +114,12 @@ impl Process {
             turns: self.turns,
             rss_kib: None,
         }
+    }
+
+    /// Type `keys` after `CONFIRM_DELAY`: the TUI drops keys that arrive before a dialog is drawn.
+    fn type_later(&mut self, now: Instant, keys: &str) {
+        self.confirm_at = Some(now + CONFIRM_DELAY);
+        self.confirm_keys = keys.to_string();
     }
 
     fn describe(&self) -> String {
@@ -183,7 +195,9 @@ impl Engine {
             turns: 0,
             ready_deadline: now + self.settings.ready_timeout,
             confirm_at: None,
+            confirm_keys: enter(),
             dialog_seen: false,
+            trust_answered: false,
             kill_at: None,
             settle_until: None,
             last_heard: now,
@@ -248,10 +262,10 @@ impl Engine {
         for prompt in prompts {
             match prompt {
                 Prompt::DevChannels => self.confirm_dev_channels(now, id),
-                Prompt::WorkspaceTrust if self.settings.trust_workspace => {
-                    log::warn!("process {id}: accepting the workspace-trust question (trust_workspace = yes)");
-                    self.push(Output::WriteTerminal { proc: id, data: TRUST_ANSWER.into() });
+                Prompt::WorkspaceTrust | Prompt::TrustSelected if self.settings.trust_workspace => {
+                    self.accept_trust(now, id, prompt)
                 }
+                Prompt::TrustSelected => {}
                 Prompt::WorkspaceTrust | Prompt::ApiKeyApproval => {
                     let code =
                         if prompt == Prompt::WorkspaceTrust { "workspace_not_trusted" } else { "api_key_not_approved" };
@@ -271,7 +285,26 @@ impl Engine {
         let p = self.procs.get_mut(&id).expect("process");
         if !p.dialog_seen {
             p.dialog_seen = true;
-            p.confirm_at = Some(now + CONFIRM_DELAY);
+            p.type_later(now, "\r");
+        }
+    }
+
+    /// trust_workspace = yes: select "Yes, I trust this folder", then confirm it; once. If the
+    /// screen stays, the ready timeout fails the request with it on the terminal tail.
+    fn accept_trust(&mut self, now: Instant, id: ProcId, prompt: Prompt) {
+        let p = self.procs.get_mut(&id).expect("process");
+        if p.trust_answered {
+            return;
+        }
+        if prompt == Prompt::TrustSelected {
+            log::warn!(
+                "session {}: accepting Claude Code's workspace-trust question (trust_workspace = yes)",
+                p.session
+            );
+            p.trust_answered = true;
+            p.type_later(now, TRUST_CONFIRM);
+        } else {
+            p.type_later(now, TRUST_SELECT);
         }
     }
 
@@ -435,8 +468,9 @@ impl Engine {
             match p.state {
                 ProcState::Starting if p.confirm_at.is_some_and(|t| now >= t) => {
                     p.confirm_at = None;
-                    log::info!("session {}: confirming the development-channels dialog", p.session);
-                    self.push(Output::WriteTerminal { proc: id, data: "\r".into() });
+                    let data = std::mem::replace(&mut p.confirm_keys, enter());
+                    log::info!("session {}: answering claude's dialog with {data:?}", p.session);
+                    self.push(Output::WriteTerminal { proc: id, data });
                 }
                 ProcState::Starting => {
                     let secs = self.settings.ready_timeout.as_secs_f32();
@@ -537,4 +571,8 @@ impl Engine {
     pub(super) fn process_by_hook_token(&self, token: &str) -> Option<ProcId> {
         self.procs.iter().find(|(_, p)| p.hook_token == token).map(|(id, _)| *id)
     }
+}
+
+fn enter() -> String {
+    "\r".into()
 }

@@ -16,6 +16,8 @@ pub enum Prompt {
     DevChannels,
     /// Workspace trust: the default answer exits claude; accepting is the operator's call.
     WorkspaceTrust,
+    /// The workspace-trust screen with "Yes, I trust this folder" selected: Enter accepts.
+    TrustSelected,
     /// "Detected a custom API key ... Do you want to use this API key?": the default is No.
     ApiKeyApproval,
     /// "Interrupted" after an ESC.
@@ -34,13 +36,16 @@ impl Prompt {
                 "claude asks whether to use the ANTHROPIC_API_KEY of its environment (its default answer is No): \
                  run `claude` once as this user and answer Yes, or remove the variable."
             }
-            Prompt::DevChannels | Prompt::Interrupted => "",
+            Prompt::DevChannels | Prompt::TrustSelected | Prompt::Interrupted => "",
         }
     }
 }
 
+/// Checked in this order; a marker found consumes the text up to its end, so `TrustSelected`
+/// must come before the `WorkspaceTrust` marker it contains.
 const MARKERS: &[(&str, Prompt)] = &[
     ("Iamusingthisforlocaldevelopment", Prompt::DevChannels),
+    ("❯Yes,Itrustthisfolder", Prompt::TrustSelected),
     ("Yes,Itrustthisfolder", Prompt::WorkspaceTrust),
     ("DoyouwanttousethisAPIkey?", Prompt::ApiKeyApproval),
     ("Interrupted", Prompt::Interrupted),
@@ -49,8 +54,12 @@ const MARKERS: &[(&str, Prompt)] = &[
 /// Pause between seeing the development-channels warning and pressing Enter: the real TUI
 /// drops keys that arrive before it has finished drawing the dialog.
 pub const CONFIRM_DELAY: Duration = Duration::from_millis(300);
-/// Keys that pick "Yes, I trust this folder" (option 1) on the workspace-trust screen.
-pub const TRUST_ANSWER: &str = "1";
+/// How to accept the workspace-trust screen, as Claude Code 2.1.332 draws it ("❯ No, exit" selected,
+/// "Yes, I trust this folder" below, no numbers): arrow down once the screen is drawn (keys that
+/// come earlier move the cursor but Enter then does not confirm), then Enter once "❯ Yes, I trust
+/// this folder" is drawn. Claude records the trust in `~/.claude.json` itself.
+pub const TRUST_SELECT: &str = "\x1b[B";
+pub const TRUST_CONFIRM: &str = "\r";
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Screen {
@@ -147,6 +156,14 @@ mod tests {
         assert!(s.push("I am \x1b[2Cusing this for lo").is_empty());
         assert_eq!(s.push("cal development"), vec![Prompt::DevChannels]);
         assert!(s.push(" more").is_empty(), "reported once");
+    }
+
+    #[test]
+    fn the_trust_screen_then_its_yes_selected() {
+        let mut s = Screen::default();
+        let first = "Quick safety check\r\n  \u{276f} No, exit \r\n Yes, I trust this folder\r\n";
+        assert_eq!(s.push(first), vec![Prompt::WorkspaceTrust]);
+        assert_eq!(s.push("\r    No, exit\r   \u{276f} Yes, I trust this folder \r"), vec![Prompt::TrustSelected]);
     }
 
     #[test]
