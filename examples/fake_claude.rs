@@ -182,7 +182,8 @@ fn trust_screen(events: &Receiver<Event>) {
         keys.push(k);
         if keys.ends_with(b"\x1b[B") {
             yes = true;
-            print!("\x1b[3;1H    No, exit\r\n  \x1b[1m❯ Yes, I trust this folder\x1b[0m\r\n");
+            // Only the cells that changed, as the real TUI does under load.
+            print!("\x1b[2;3H \x1b[3;3H❯");
             flush();
         } else if k == b'\r' && yes {
             print!("\x1b[2J\x1b[H");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::engine::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_SELECT};
+use crate::engine::screen::{self, Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_SELECT};
 use crate::engine::SpawnSpec;
 use crate::shell::spawn::{home, Launch};
 use crate::wire::bridge::ToChannel;
@@ -205,6 +205,8 @@ const SKIPPED: &str = "\"synthesis\": Channel notifications skipped: ";
 fn watch(master: std::os::fd::OwnedFd, debug: &Path, trust: bool) -> Result<(), String> {
     let mut screen = Screen::default();
     let mut terminal = std::fs::File::from(master);
+    // Answering the trust screen, as the engine does: 0 not yet, 1 arrow down typed, 2 confirmed.
+    let mut trust_step = 0;
     let deadline = Instant::now() + CHANNEL_DEADLINE;
     while Instant::now() < deadline {
         let log = std::fs::read_to_string(debug).unwrap_or_default();
@@ -228,18 +230,26 @@ fn watch(master: std::os::fd::OwnedFd, debug: &Path, trust: bool) -> Result<(), 
             Ok(n) => n,
             Err(_) => 0,
         };
-        for prompt in screen.push(&String::from_utf8_lossy(&buf[..n])) {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        if trust_step == 1 && screen::trust_selection(&text) == Some(true) {
+            // The selection moved to "Yes, I trust this folder": confirm, as synthesis does.
+            trust_step = 2;
+            std::thread::sleep(CONFIRM_DELAY);
+            std::io::Write::write_all(&mut terminal, TRUST_CONFIRM.as_bytes()).map_err(|e| e.to_string())?;
+        }
+        for prompt in screen.push(&text) {
             match prompt {
                 Prompt::DevChannels => {
                     std::thread::sleep(CONFIRM_DELAY);
                     std::io::Write::write_all(&mut terminal, b"\r").map_err(|e| e.to_string())?;
                 }
-                Prompt::WorkspaceTrust | Prompt::TrustSelected if trust => {
-                    let keys = if prompt == Prompt::TrustSelected { TRUST_CONFIRM } else { TRUST_SELECT };
-                    std::thread::sleep(CONFIRM_DELAY);
-                    std::io::Write::write_all(&mut terminal, keys.as_bytes()).map_err(|e| e.to_string())?
+                Prompt::WorkspaceTrust if trust => {
+                    if trust_step == 0 {
+                        trust_step = 1;
+                        std::thread::sleep(CONFIRM_DELAY);
+                        std::io::Write::write_all(&mut terminal, TRUST_SELECT.as_bytes()).map_err(|e| e.to_string())?
+                    }
                 }
-                Prompt::TrustSelected => {}
                 Prompt::WorkspaceTrust | Prompt::ApiKeyApproval => return Err(prompt.advice().into()),
                 Prompt::Interrupted => {}
             }

@@ -558,7 +558,7 @@ fn trust_workspace_yes_accepts_the_trust_question() {
     let screen = "Is this a project you trust?\r\n  \u{276f} No, exit\r\n  Yes, I trust this folder\r\n";
     assert!(s.input(Input::Terminal { proc: 1, text: screen.into() }).is_empty());
     assert_eq!(s.advance(Duration::from_millis(300)), vec![Output::WriteTerminal { proc: 1, data: "\x1b[B".into() }]);
-    let redraw = "\r    No, exit\r  \u{276f} Yes, I trust this folder\r";
+    let redraw = "\x1b[12;3H \x1b[13;3H\u{276f}"; // only the cells that changed
     assert!(s.input(Input::Terminal { proc: 1, text: redraw.into() }).is_empty());
     assert_eq!(s.advance(Duration::from_millis(300)), vec![Output::WriteTerminal { proc: 1, data: "\r".into() }]);
     // Answered once: if the screen stays, the ready timeout reports it.

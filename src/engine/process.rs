@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_SELECT};
+use super::screen::{self, Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_SELECT};
 use super::turn::Answer;
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, Signal, SpawnSpec};
 use crate::wire::bridge::{self, FromChannel, ToChannel};
@@ -23,6 +23,16 @@ pub enum ProcState {
     Ready,
     /// Told to stop; waiting to be reaped.
     Stopping,
+}
+
+/// Where synthesis is in answering the workspace-trust screen (trust_workspace = yes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+enum TrustStep {
+    #[default]
+    Unanswered,
+    /// Arrow down typed (or about to be); Enter follows once the selection is seen to move.
+    Selecting,
+    Answered,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -47,9 +57,9 @@ pub struct Process {
     #[serde(default = "enter")]
     confirm_keys: String,
     dialog_seen: bool,
-    /// The workspace-trust screen has been answered (trust_workspace = yes): never twice.
+    /// Answering the workspace-trust screen (trust_workspace = yes): once only.
     #[serde(default)]
-    trust_answered: bool,
+    trust: TrustStep,
     /// SIGKILL after this, while stopping.
     #[serde(with = "super::clock::opt")]
     kill_at: Option<Instant>,
@@ -197,7 +207,7 @@ impl Engine {
             confirm_at: None,
             confirm_keys: enter(),
             dialog_seen: false,
-            trust_answered: false,
+            trust: TrustStep::Unanswered,
             kill_at: None,
             settle_until: None,
             last_heard: now,
@@ -259,13 +269,18 @@ impl Engine {
         if p.state != ProcState::Starting {
             return;
         }
+        if p.trust == TrustStep::Selecting && p.confirm_at.is_none() && screen::trust_selection(text) == Some(true) {
+            log::warn!(
+                "session {}: accepting Claude Code's workspace-trust question (trust_workspace = yes)",
+                p.session
+            );
+            p.trust = TrustStep::Answered;
+            p.type_later(now, TRUST_CONFIRM);
+        }
         for prompt in prompts {
             match prompt {
                 Prompt::DevChannels => self.confirm_dev_channels(now, id),
-                Prompt::WorkspaceTrust | Prompt::TrustSelected if self.settings.trust_workspace => {
-                    self.accept_trust(now, id, prompt)
-                }
-                Prompt::TrustSelected => {}
+                Prompt::WorkspaceTrust if self.settings.trust_workspace => self.select_trust(now, id),
                 Prompt::WorkspaceTrust | Prompt::ApiKeyApproval => {
                     let code =
                         if prompt == Prompt::WorkspaceTrust { "workspace_not_trusted" } else { "api_key_not_approved" };
@@ -289,21 +304,13 @@ impl Engine {
         }
     }
 
-    /// trust_workspace = yes: select "Yes, I trust this folder", then confirm it; once. If the
+    /// trust_workspace = yes: select "Yes, I trust this folder" (`on_terminal` confirms it once the
+    /// selection has moved); once. Enter is never typed while "No, exit" may be selected: if the
     /// screen stays, the ready timeout fails the request with it on the terminal tail.
-    fn accept_trust(&mut self, now: Instant, id: ProcId, prompt: Prompt) {
+    fn select_trust(&mut self, now: Instant, id: ProcId) {
         let p = self.procs.get_mut(&id).expect("process");
-        if p.trust_answered {
-            return;
-        }
-        if prompt == Prompt::TrustSelected {
-            log::warn!(
-                "session {}: accepting Claude Code's workspace-trust question (trust_workspace = yes)",
-                p.session
-            );
-            p.trust_answered = true;
-            p.type_later(now, TRUST_CONFIRM);
-        } else {
+        if p.trust == TrustStep::Unanswered {
+            p.trust = TrustStep::Selecting;
             p.type_later(now, TRUST_SELECT);
         }
     }

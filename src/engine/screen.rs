@@ -16,8 +16,6 @@ pub enum Prompt {
     DevChannels,
     /// Workspace trust: the default answer exits claude; accepting is the operator's call.
     WorkspaceTrust,
-    /// The workspace-trust screen with "Yes, I trust this folder" selected: Enter accepts.
-    TrustSelected,
     /// "Detected a custom API key ... Do you want to use this API key?": the default is No.
     ApiKeyApproval,
     /// "Interrupted" after an ESC.
@@ -36,16 +34,13 @@ impl Prompt {
                 "claude asks whether to use the ANTHROPIC_API_KEY of its environment (its default answer is No): \
                  run `claude` once as this user and answer Yes, or remove the variable."
             }
-            Prompt::DevChannels | Prompt::TrustSelected | Prompt::Interrupted => "",
+            Prompt::DevChannels | Prompt::Interrupted => "",
         }
     }
 }
 
-/// Checked in this order; a marker found consumes the text up to its end, so `TrustSelected`
-/// must come before the `WorkspaceTrust` marker it contains.
 const MARKERS: &[(&str, Prompt)] = &[
     ("Iamusingthisforlocaldevelopment", Prompt::DevChannels),
-    ("❯Yes,Itrustthisfolder", Prompt::TrustSelected),
     ("Yes,Itrustthisfolder", Prompt::WorkspaceTrust),
     ("DoyouwanttousethisAPIkey?", Prompt::ApiKeyApproval),
     ("Interrupted", Prompt::Interrupted),
@@ -55,11 +50,22 @@ const MARKERS: &[(&str, Prompt)] = &[
 /// drops keys that arrive before it has finished drawing the dialog.
 pub const CONFIRM_DELAY: Duration = Duration::from_millis(300);
 /// How to accept the workspace-trust screen, as Claude Code 2.1.332 draws it ("❯ No, exit" selected,
-/// "Yes, I trust this folder" below, no numbers): arrow down once the screen is drawn (keys that
-/// come earlier move the cursor but Enter then does not confirm), then Enter once "❯ Yes, I trust
-/// this folder" is drawn. Claude records the trust in `~/.claude.json` itself.
+/// "Yes, I trust this folder" below, no numbers): arrow down once the screen has been drawn for
+/// `CONFIRM_DELAY` (keys that come earlier move the cursor but Enter then does not confirm), then,
+/// once the redraw shows the selection off "No, exit" (`trust_selection`), Enter after
+/// `CONFIRM_DELAY`. Claude records the trust in `~/.claude.json` itself.
 pub const TRUST_SELECT: &str = "\x1b[B";
 pub const TRUST_CONFIRM: &str = "\r";
+
+/// Where terminal output drawn after `TRUST_SELECT` puts the trust screen's selection marker `❯`:
+/// `Some(true)` off "No, exit" (on "Yes, I trust this folder"), `Some(false)` still on it, `None`
+/// when the output draws no marker. The TUI may redraw only the cells that changed (a lone `❯`
+/// moved down a line), so the marker's neighbourhood is all there is to go by.
+pub fn trust_selection(output: &str) -> Option<bool> {
+    let squashed: String = strip_ansi(output).chars().filter(|c| !c.is_whitespace()).collect();
+    let at = squashed.rfind('❯')?;
+    Some(!squashed[at..].starts_with("❯No,exit"))
+}
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Screen {
@@ -159,11 +165,15 @@ mod tests {
     }
 
     #[test]
-    fn the_trust_screen_then_its_yes_selected() {
+    fn the_trust_screen_and_where_its_selection_moves() {
         let mut s = Screen::default();
         let first = "Quick safety check\r\n  \u{276f} No, exit \r\n Yes, I trust this folder\r\n";
         assert_eq!(s.push(first), vec![Prompt::WorkspaceTrust]);
-        assert_eq!(s.push("\r    No, exit\r   \u{276f} Yes, I trust this folder \r"), vec![Prompt::TrustSelected]);
+        assert_eq!(trust_selection(first), Some(false));
+        // Redrawn whole lines, or (seen under load) only the cells that changed.
+        assert_eq!(trust_selection("\r    No, exit\r   \u{276f} Yes, I trust this folder \r"), Some(true));
+        assert_eq!(trust_selection("\x1b[12;3H \x1b[13;3H\u{276f}"), Some(true));
+        assert_eq!(trust_selection("\x1b[?25l"), None);
     }
 
     #[test]
