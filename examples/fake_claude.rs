@@ -296,7 +296,9 @@ impl Fake {
         }
         if let Ok(path) = std::env::var("FAKE_CLAUDE_LOG") {
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-            writeln!(f, "{}", json!({"content": p["content"], "meta": p["meta"]})).unwrap();
+            // One write per line: every fake claude appends to the same file at once.
+            let line = format!("{}\n", json!({"content": p["content"], "meta": p["meta"]}));
+            f.write_all(line.as_bytes()).unwrap();
         }
         let chat_id = p["meta"]["chat_id"].as_str().unwrap_or("").to_string();
         self.inbox.push((chat_id, p["content"].as_str().unwrap_or("").to_string()));
@@ -380,7 +382,7 @@ impl Fake {
 
     fn write_transcript(&self, entry: Value) {
         let mut f = std::fs::OpenOptions::new().append(true).open(&self.transcript).expect("transcript");
-        writeln!(f, "{entry}").expect("transcript write");
+        f.write_all(format!("{entry}\n").as_bytes()).expect("transcript write");
     }
 
     /// `tool <name> <json-args>` calls the channel's client tool; `big <n>` echoes plus n bytes;
