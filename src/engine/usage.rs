@@ -3,7 +3,7 @@
 //! The shell reads a claude's transcript before it feeds that process's Stop hook (and its
 //! client-tool and permission requests, which end a response too) and hands the engine what it
 //! found (`Input::Usage`). Claude Code writes the transcript in batches, so the turn's last API
-//! call can land ~100–200 ms after the Stop hook (measured on 2.1.332: in about half the turns).
+//! call can land ~100–200 ms after the Stop hook (measured on 2.1.332: in a third to half of the turns).
 //! When the transcript does not show the turn's answer yet, the Stop hook is answered at once
 //! (claude goes on) but the response waits: the engine asks the shell to read again every
 //! `REREAD` until the answer's line is there, for at most `USAGE_WAIT`; then the response goes
