@@ -13,10 +13,13 @@
 //!   `tool <name> <json-args>` → call the channel's client tool, then reply `echo: tool result: <text>`
 //!   `perm <tool>`   → ask permission (request id `abcde`), then reply `echo: permission <allow|deny>`
 //!   `big <bytes>`   → reply `echo: big <bytes>`, a newline and that many `x` (multi-MB replies)
+//!   `late`          → echo, but write the turn's last transcript line 150 ms after the Stop hook
 //! Messages that arrive during a turn are merged into the next turn, as claude does.
+//! The session file is a transcript like claude's: per turn the channel message, then two API
+//! calls (`reply` asked for, then the answer) with the usage in `TRANSCRIPT_USAGE`.
 //! Environment: `FAKE_CLAUDE_LOG=<path>` appends each channel notification as a JSON line;
 //! `FAKE_CLAUDE_DROP_FIRST=1` drops the first notification (claude's registration race);
-//! `FAKE_CLAUDE_SCREEN=hang` never shows the dialog, `=trust` shows the workspace-trust screen;
+//! `FAKE_CLAUDE_SCREEN=hang` never shows the dialog, `=trust` shows the workspace-trust screen first;
 //! `FAKE_CLAUDE_BALLAST_MB=<n>` holds n MiB resident, so that it weighs something like claude.
 
 use std::collections::HashMap;
@@ -47,7 +50,15 @@ struct Fake {
     drop_next: bool,
     /// Channel notifications waiting for a turn.
     inbox: Vec<(String, String)>,
+    /// The session transcript (`<uuid>.jsonl`).
+    transcript: PathBuf,
+    /// API calls written so far, for message ids.
+    calls: u64,
 }
+
+/// Usage of the two API calls of each turn, as (input, output, cache read, cache creation): a
+/// turn's usage is their sum, `prompt_tokens` 331, `completion_tokens` 5, `cached_tokens` 300.
+pub const TRANSCRIPT_USAGE: [(u64, u64, u64, u64); 2] = [(11, 3, 100, 7), (13, 2, 200, 0)];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -74,13 +85,7 @@ fn main() {
         Ok("hang") => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },
-        Ok("trust") => {
-            print!("\x1b[2J\x1b[HQuick safety check: Is this a project you created or one you trust?\r\n");
-            print!(" \x1b[1m❯ 1. Yes, I trust this folder\x1b[0m\r\n   2. No, exit\r\n");
-            flush();
-            wait_for_key(&events, b'\r');
-            std::process::exit(1);
-        }
+        Ok("trust") => trust_screen(&events),
         _ => {}
     }
     if flag("--dangerously-load-development-channels").is_some() {
@@ -105,6 +110,8 @@ fn main() {
         settings,
         drop_next: std::env::var("FAKE_CLAUDE_DROP_FIRST").is_ok(),
         inbox: Vec::new(),
+        transcript: session_file,
+        calls: 0,
     };
     fake.handshake();
     if let Some(path) = flag("--debug-file") {
@@ -167,6 +174,35 @@ fn spawn_key_reader(tx: Sender<Event>) {
             }
         }
     });
+}
+
+/// The workspace-trust screen as Claude Code 2.1.332 draws it: "No, exit" selected, "Yes, I trust
+/// this folder" below it; arrow down selects it, Enter confirms. Keys in the first 200 ms after
+/// drawing are lost, as on the real screen. Enter on "No, exit" exits.
+fn trust_screen(events: &Receiver<Event>) {
+    print!("\x1b[2J\x1b[HQuick safety check: Is this a project you created or one you trust?\r\n");
+    print!("  \x1b[1m❯ No, exit\x1b[0m\r\n    Yes, I trust this folder\r\n\r\n  Enter to confirm · Esc to cancel\r\n");
+    flush();
+    let drawn = Instant::now();
+    let (mut keys, mut yes) = (Vec::new(), false);
+    loop {
+        let Ok(Event::Key(k)) = events.recv() else { continue };
+        if drawn.elapsed() < Duration::from_millis(200) {
+            continue;
+        }
+        keys.push(k);
+        if keys.ends_with(b"\x1b[B") {
+            yes = true;
+            // Only the cells that changed, as the real TUI does under load.
+            print!("\x1b[2;3H \x1b[3;3H❯");
+            flush();
+        } else if k == b'\r' && yes {
+            print!("\x1b[2J\x1b[H");
+            return;
+        } else if k == b'\r' {
+            std::process::exit(1);
+        }
+    }
 }
 
 fn wait_for_key(events: &Receiver<Event>, key: u8) {
@@ -271,7 +307,9 @@ impl Fake {
         }
         if let Ok(path) = std::env::var("FAKE_CLAUDE_LOG") {
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-            writeln!(f, "{}", json!({"content": p["content"], "meta": p["meta"]})).unwrap();
+            // One write per line: every fake claude appends to the same file at once.
+            let line = format!("{}\n", json!({"content": p["content"], "meta": p["meta"]}));
+            f.write_all(line.as_bytes()).unwrap();
         }
         let chat_id = p["meta"]["chat_id"].as_str().unwrap_or("").to_string();
         self.inbox.push((chat_id, p["content"].as_str().unwrap_or("").to_string()));
@@ -297,6 +335,7 @@ impl Fake {
     fn turn(&mut self, chat_id: &str, text: &str) {
         let prompt = format!("<channel source=\"synthesis\" chat_id=\"{chat_id}\">\n{text}\n</channel>");
         self.call_hook("UserPromptSubmit", json!({"prompt": prompt}));
+        self.write_transcript(json!({"type": "user", "message": {"role": "user", "content": prompt}}));
         let script = text.trim();
         let last = if script == "crash" {
             print!("crashing as scripted\r\n");
@@ -318,11 +357,43 @@ impl Fake {
                 self.tool_or_echo(script, text)
             };
 
+            self.api_call(0);
             let r = self.request("tools/call", json!({"name": "reply", "arguments": {"chat_id": chat_id, "text": answer}, "_meta": {"claudecode/toolUseId": "toolu_1"}}));
             assert_eq!(r["result"]["content"][0]["text"], "sent");
             "Replied.".to_string()
         };
+        if script == "late" {
+            // Like claude's batched writes: the answer's line lands after the Stop hook.
+            self.call_hook("Stop", json!({"last_assistant_message": last}));
+            std::thread::sleep(Duration::from_millis(150));
+            self.api_call(1);
+            return;
+        }
+        if script == "silent" {
+            self.api_call(0);
+        }
+        self.api_call(1);
         self.call_hook("Stop", json!({"last_assistant_message": last}));
+    }
+
+    /// Write API call `n` of a turn to the transcript: 0 asks for the `reply` tool, 1 answers.
+    fn api_call(&mut self, n: usize) {
+        self.calls += 1;
+        let (input, output, read, create) = TRANSCRIPT_USAGE[n];
+        let (content, stop) = match n {
+            0 => (json!([{"type": "tool_use", "name": "mcp__synthesis__reply", "input": {}}]), "tool_use"),
+            _ => (json!([{"type": "text", "text": "Replied."}]), "end_turn"),
+        };
+        let usage = json!({"input_tokens": input, "output_tokens": output, "cache_read_input_tokens": read,
+                           "cache_creation_input_tokens": create, "service_tier": "standard"});
+        let message = json!({"id": format!("msg_fake_{}", self.calls), "type": "message", "role": "assistant",
+                             "content": content, "stop_reason": stop, "usage": usage});
+        self.write_transcript(json!({"type": "assistant", "message": message}));
+    }
+
+    fn write_transcript(&self, entry: Value) {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&self.transcript).expect("transcript");
+        f.write_all(format!("{entry}\n").as_bytes()).expect("transcript write");
     }
 
     /// `tool <name> <json-args>` calls the channel's client tool; `big <n>` echoes plus n bytes;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::engine::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_ANSWER};
+use crate::engine::screen::{self, Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_SELECT};
 use crate::engine::SpawnSpec;
 use crate::shell::spawn::{home, Launch};
 use crate::wire::bridge::ToChannel;
@@ -42,12 +42,16 @@ pub fn run(config: &Config) -> Result<bool, String> {
             return Ok(false);
         }
     }
-    let workspace =
-        config.workspace.canonicalize().map_err(|e| format!("workspace {}: {e}", config.workspace.display()))?;
+    let workspace = config.workspace_dir().map_err(|e| format!("workspace {}: {e}", config.workspace.display()))?;
     let state = claude_state();
     ok &= check_auth(&state);
-    ok &= check_trust(config, &state, &workspace);
+    let trusted = is_trusted(&state, &workspace);
+    ok &= check_trust(config, trusted, &workspace);
     ok &= check_channel(config, &claude, &workspace)?;
+    if !trusted && config.trust_workspace {
+        // The channel check started claude there, and synthesis answered its trust question.
+        ok &= check_trust_answered(&workspace);
+    }
     if ok {
         pass("everything needed for synthesis works");
     }
@@ -100,14 +104,18 @@ fn check_auth(state: &Value) -> bool {
     false
 }
 
-fn check_trust(config: &Config, state: &Value, workspace: &Path) -> bool {
-    let trusted = workspace
+/// Claude Code records an accepted workspace-trust question for the folder (or a parent).
+fn is_trusted(state: &Value, workspace: &Path) -> bool {
+    workspace
         .ancestors()
-        .any(|dir| state["projects"][dir.to_string_lossy().as_ref()]["hasTrustDialogAccepted"].as_bool() == Some(true));
+        .any(|dir| state["projects"][dir.to_string_lossy().as_ref()]["hasTrustDialogAccepted"].as_bool() == Some(true))
+}
+
+fn check_trust(config: &Config, trusted: bool, workspace: &Path) -> bool {
     if trusted {
         pass(&format!("workspace trusted: {}", workspace.display()));
     } else if config.trust_workspace {
-        pass(&format!("workspace {} not trusted yet; trust_workspace = yes accepts it", workspace.display()));
+        // Told after the channel check, which answers the question as synthesis would.
     } else {
         fail(&format!(
             "workspace {} is not trusted: run `claude` there once and answer \"Yes, I trust this folder\", \
@@ -117,6 +125,23 @@ fn check_trust(config: &Config, state: &Value, workspace: &Path) -> bool {
         return false;
     }
     true
+}
+
+/// After the channel check with trust_workspace = yes: did claude take synthesis's answer?
+fn check_trust_answered(workspace: &Path) -> bool {
+    if is_trusted(&claude_state(), workspace) {
+        pass(&format!(
+            "workspace trusted: {} (claude recorded it when synthesis answered its trust question, trust_workspace = yes)",
+            workspace.display()
+        ));
+        return true;
+    }
+    fail(&format!(
+        "workspace {} is not trusted, and trust_workspace = yes did not get claude past its trust question: \
+         run `claude` there once and answer \"Yes, I trust this folder\".",
+        workspace.display()
+    ));
+    false
 }
 
 /// Start claude with the synthesis channel and read its debug log for the channel's fate.
@@ -180,6 +205,8 @@ const SKIPPED: &str = "\"synthesis\": Channel notifications skipped: ";
 fn watch(master: std::os::fd::OwnedFd, debug: &Path, trust: bool) -> Result<(), String> {
     let mut screen = Screen::default();
     let mut terminal = std::fs::File::from(master);
+    // Answering the trust screen, as the engine does: 0 not yet, 1 arrow down typed, 2 confirmed.
+    let mut trust_step = 0;
     let deadline = Instant::now() + CHANNEL_DEADLINE;
     while Instant::now() < deadline {
         let log = std::fs::read_to_string(debug).unwrap_or_default();
@@ -203,14 +230,25 @@ fn watch(master: std::os::fd::OwnedFd, debug: &Path, trust: bool) -> Result<(), 
             Ok(n) => n,
             Err(_) => 0,
         };
-        for prompt in screen.push(&String::from_utf8_lossy(&buf[..n])) {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        if trust_step == 1 && screen::trust_selection(&text) == Some(true) {
+            // The selection moved to "Yes, I trust this folder": confirm, as synthesis does.
+            trust_step = 2;
+            std::thread::sleep(CONFIRM_DELAY);
+            std::io::Write::write_all(&mut terminal, TRUST_CONFIRM.as_bytes()).map_err(|e| e.to_string())?;
+        }
+        for prompt in screen.push(&text) {
             match prompt {
                 Prompt::DevChannels => {
                     std::thread::sleep(CONFIRM_DELAY);
                     std::io::Write::write_all(&mut terminal, b"\r").map_err(|e| e.to_string())?;
                 }
                 Prompt::WorkspaceTrust if trust => {
-                    std::io::Write::write_all(&mut terminal, TRUST_ANSWER.as_bytes()).map_err(|e| e.to_string())?
+                    if trust_step == 0 {
+                        trust_step = 1;
+                        std::thread::sleep(CONFIRM_DELAY);
+                        std::io::Write::write_all(&mut terminal, TRUST_SELECT.as_bytes()).map_err(|e| e.to_string())?
+                    }
                 }
                 Prompt::WorkspaceTrust | Prompt::ApiKeyApproval => return Err(prompt.advice().into()),
                 Prompt::Interrupted => {}

@@ -5,6 +5,7 @@ pub mod channel;
 pub mod config;
 pub mod doctor;
 pub mod engine;
+pub mod logging;
 pub mod openclaw_config;
 pub mod persist;
 pub mod shell;

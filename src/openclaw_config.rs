@@ -1,8 +1,26 @@
 //! `synthesis openclaw-config`: the provider block to merge into `openclaw.json`.
+//!
+//! OpenClaw requires an `apiKey` string for an `openai-completions` provider and sends it as the
+//! bearer token. With `api_key` set, that is it; without, synthesis checks no key, and the block
+//! says so with a placeholder (`NO_API_KEY`) rather than a value that looks like a secret.
 
 use serde_json::{json, Value};
 
 use crate::config::Config;
+
+/// The `apiKey` written when synthesis has no `api_key`: any value would be accepted.
+pub const NO_API_KEY: &str = "no-api-key-configured";
+
+/// What to tell the operator next to the JSON (on stderr), if anything.
+pub fn note(c: &Config) -> Option<String> {
+    c.api_key.is_none().then(|| {
+        format!(
+            "note: no api_key is set, so synthesis accepts any key and the provider's apiKey is the placeholder \
+             {NO_API_KEY:?}. Before exposing synthesis beyond this host, set api_key (or SYNTHESIS_API_KEY) and \
+             run this again."
+        )
+    })
+}
 
 /// `base_url`: where OpenClaw reaches synthesis when that is not `listen` (a load balancer in
 /// front of several hosts); by default `http://<listen>/v1`.
@@ -15,7 +33,7 @@ pub fn provider_json(c: &Config, base_url: Option<&str>) -> Value {
     json!({
         "models": {"mode": "merge", "providers": {"synthesis-claude-bridge": {
             "baseUrl": base_url,
-            "apiKey": c.api_key.clone().unwrap_or_else(|| "unused".into()),
+            "apiKey": c.api_key.as_deref().unwrap_or(NO_API_KEY),
             "api": "openai-completions",
             "timeoutSeconds": 3600,
             "models": [{
@@ -54,5 +72,13 @@ mod tests {
         assert_eq!(p["models"][0]["compat"]["sendSessionAffinityHeaders"], true);
         assert_eq!(p["models"][0]["input"], json!(["text", "image"]), "else OpenClaw sends images elsewhere");
         assert_eq!(j["agents"]["defaults"]["model"]["primary"], "synthesis-claude-bridge/cc");
+        assert_eq!(note(&c), None);
+    }
+
+    #[test]
+    fn without_api_key_the_placeholder_says_so() {
+        let c = Config::parse("", |_| None).unwrap();
+        assert_eq!(provider_json(&c, None)["models"]["providers"]["synthesis-claude-bridge"]["apiKey"], NO_API_KEY);
+        assert!(note(&c).unwrap().contains("accepts any key"));
     }
 }

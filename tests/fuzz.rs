@@ -773,7 +773,7 @@ impl EngineFuzz {
 
     fn check(&mut self, out: Output, saves: &mut usize) {
         match out {
-            Output::Respond { conn, .. } | Output::Status { conn, .. } => {
+            Output::Respond { conn, .. } | Output::Status { conn, .. } | Output::Metrics { conn, .. } => {
                 let c = self.clients.get_mut(&conn).unwrap_or_else(|| panic!("answer to unknown conn {conn}"));
                 assert!(!c.streaming, "conn {conn}: a response in the middle of a stream");
                 c.answers += 1;
@@ -816,7 +816,7 @@ impl EngineFuzz {
                 assert!(!self.procs.contains_key(&proc), "process id {proc} reused");
                 self.procs.insert(proc, Proc { spec: Some(spec), ..Proc::default() });
             }
-            Output::WriteTerminal { proc, .. } | Output::Signal { proc, .. } => {
+            Output::WriteTerminal { proc, .. } | Output::Signal { proc, .. } | Output::ReadTranscript { proc } => {
                 assert!(self.procs.contains_key(&proc), "unknown process {proc}");
             }
             Output::SaveSessions { sessions } => {

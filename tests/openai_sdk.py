@@ -40,6 +40,10 @@ for chunk in stream:
 assert text.startswith("echo:") and "streamed please" in text, text
 assert finish == "stop", finish
 assert usage is not None
+# fake claude's transcript: two API calls per turn (see TRANSCRIPT_USAGE in examples/fake_claude.rs).
+assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (331, 5, 336), usage
+assert usage.prompt_tokens_details.cached_tokens == 300, usage
+assert r.usage.prompt_tokens == 331, r.usage
 
 try:
     openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).chat.completions.create(

@@ -62,18 +62,19 @@ struct Real {
 
 impl Real {
     fn start(name: &str) -> Real {
-        Real::start_with(name, "")
+        Real::start_with(name, true, "")
     }
 
-    /// With `extra` config lines.
-    fn start_with(name: &str, extra: &str) -> Real {
+    /// `trusted`: the seeded HOME trusts the workspace already (as after running claude there once);
+    /// `extra`: config lines for every start.
+    fn start_with(name: &str, trusted: bool, extra: &str) -> Real {
         let claude = PathBuf::from(std::env::var("SYNTHESIS_REAL_CLAUDE").expect(NEEDS));
         let dir = std::env::temp_dir().join(format!("synthesis-real-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["home", "ws", "state"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
-        seed_home(&dir);
+        seed_home(&dir, trusted);
         let api = FakeApi::start(&dir);
         let mut real = Real { api, claude, daemon: None, extra: extra.to_string() };
         real.restart_daemon(dir);
@@ -131,12 +132,15 @@ fn seed() -> Value {
     })
 }
 
-fn seed_home(dir: &std::path::Path) {
+fn seed_home(dir: &std::path::Path, trusted: bool) {
     let ws = dir.join("ws").canonicalize().unwrap();
     let mut cfg = seed();
-    cfg["projects"] = json!({ws.to_str().unwrap(): {
-        "hasTrustDialogAccepted": true, "hasCompletedProjectOnboarding": true, "allowedTools": [], "mcpServers": {}
-    }});
+    cfg["projects"] = json!({});
+    if trusted {
+        cfg["projects"] = json!({ws.to_str().unwrap(): {
+            "hasTrustDialogAccepted": true, "hasCompletedProjectOnboarding": true, "allowedTools": [], "mcpServers": {}
+        }});
+    }
     std::fs::write(dir.join("home/.claude.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
 }
 
@@ -224,7 +228,7 @@ fn a_turn_answered_through_reply_then_a_second_turn_delivers_only_the_new_text()
 #[test]
 #[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
 fn a_warm_spare_answers_a_new_sessions_first_turn_without_a_spawn() {
-    let real = Real::start_with("spare", "spare_processes = 1");
+    let real = Real::start_with("spare", true, "spare_processes = 1");
     real.d().wait_log("process 1 ready after");
     let t = Instant::now();
     assert_eq!(content(&real.d().client().chat("new", "hello spare", false)), "echo: hello spare");
@@ -409,6 +413,39 @@ fn an_image_reaches_the_model_as_an_image_block_after_claude_reads_it() {
 
 #[test]
 #[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn usage_is_the_scripted_apis_numbers_for_json_and_streamed_turns() {
+    let real = Real::start("usage");
+    // fake_anthropic.py's usage for a default turn's two calls: input 101 + 102, output 7 + 8,
+    // cache read 5000 + 10000, cache creation 300.
+    let expected = json!({"prompt_tokens": 203 + 15000 + 300, "completion_tokens": 15,
+                          "total_tokens": 203 + 15000 + 300 + 15, "prompt_tokens_details": {"cached_tokens": 15000}});
+    for i in 0..3 {
+        let r = real.d().client().chat("a", &format!("count me {i}"), false);
+        assert_eq!(r.json()["usage"], expected, "{}", r.body);
+    }
+    // An identical retry gets the same answer, and what it cost.
+    assert_eq!(real.d().client().chat("a", "count me 2", false).json()["usage"], expected);
+    let r = real.d().client().chat("a", "count me streamed", true);
+    let events = r.events();
+    let chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(chunk["usage"], expected);
+    // One call, answered without `reply`.
+    let r = real.d().client().chat("a", "#plain only text", false);
+    assert_eq!(r.json()["usage"]["prompt_tokens"], 101 + 5000 + 300);
+    let waited = real.d().log_lines("usage may be short");
+    assert!(waited.is_empty(), "the transcript always showed the answer in time: {waited:?}");
+}
+
+/// The workspace in `Real`'s seeded ~/.claude.json: is it trusted?
+fn trusted_in_home(real: &Real) -> Option<bool> {
+    let home = std::fs::read_to_string(real.d().dir.join("home/.claude.json")).unwrap();
+    let home: Value = serde_json::from_str(&home).unwrap();
+    let ws = real.d().dir.join("ws").canonicalize().unwrap();
+    home["projects"][ws.to_str().unwrap()]["hasTrustDialogAccepted"].as_bool()
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
 fn turns_another_model_answered_reach_the_model_once() {
     let real = Real::start("missed");
     assert_eq!(content(&real.d().client().chat("a", "hello", false)), "echo: hello");
@@ -428,4 +465,46 @@ fn turns_another_model_answered_reach_the_model_once() {
         "[user]: my name is Zed\n[assistant (another model)]: Nice to meet you, Zed.\n</missed_conversation>"
     ));
     assert_eq!(seen[1].matches("my name is Zed").count(), 1);
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn trust_workspace_yes_gets_claude_past_the_trust_screen_of_a_folder_it_has_never_seen() {
+    let real = Real::start_with("trustyes", false, "trust_workspace = yes");
+    assert_eq!(trusted_in_home(&real), None, "claude has never seen this folder");
+    assert_eq!(
+        content(&real.d().client().chat("a", "hello from a new folder", false)),
+        "echo: hello from a new folder"
+    );
+    real.d().wait_log("accepting Claude Code's workspace-trust question");
+    assert_eq!(trusted_in_home(&real), Some(true), "claude recorded the trust itself");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn without_trust_workspace_a_new_folder_fails_fast_with_advice() {
+    let real = Real::start_with("trustno", false, "");
+    let r = real.d().client().chat("a", "hello", false);
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "workspace_not_trusted");
+    assert_eq!(trusted_in_home(&real), None, "synthesis never accepts trust by itself");
+}
+
+#[test]
+#[ignore = "needs the real Claude Code CLI: set SYNTHESIS_REAL_CLAUDE (see .ci/run)"]
+fn doctor_with_trust_workspace_yes_reports_the_trust_claude_recorded() {
+    let mut s = seed();
+    s["projects"] = json!({});
+    let claude = PathBuf::from(std::env::var("SYNTHESIS_REAL_CLAUDE").expect(NEEDS));
+    let api_dir = std::env::temp_dir().join(format!("synthesis-real-doctor-api-trustyes-{}", std::process::id()));
+    std::fs::create_dir_all(&api_dir).unwrap();
+    let api = FakeApi::start(&api_dir);
+    let mut env = api.env();
+    env.push(("SYNTHESIS_TRUST_WORKSPACE", "yes".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = doctor("real-trustyes", &claude, Some(s), &env);
+    let text = report(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ok    workspace trusted: ") && text.contains("claude recorded it"), "{text}");
+    assert!(text.contains("ok    claude registered the synthesis channel"), "{text}");
 }

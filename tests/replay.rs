@@ -38,7 +38,8 @@ fn json_turn_from_spawn_to_answer() {
         json!({
             "id": "chatcmpl-t2", "object": "chat.completion", "created": 1_790_000_000u64, "model": "claude-code",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "echo: hello there"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                      "prompt_tokens_details": {"cached_tokens": 0}}
         })
     );
 }
@@ -557,11 +558,16 @@ fn trust_workspace_yes_accepts_the_trust_question() {
     let mut s = Script::new(st);
     s.input(chat(10, "a", "hi", false));
     s.input(Input::Spawned { proc: 1, pid: 7, resumed: false });
-    let out = s.input(Input::Terminal {
-        proc: 1,
-        text: "Is this a project you trust?\r\n 1. Yes, I trust this folder\r\n".into(),
-    });
-    assert_eq!(out, vec![Output::WriteTerminal { proc: 1, data: "1".into() }]);
+    // As Claude Code 2.1.332 draws it: "No, exit" selected; keys before the screen is drawn are lost.
+    let screen = "Is this a project you trust?\r\n  \u{276f} No, exit\r\n  Yes, I trust this folder\r\n";
+    assert!(s.input(Input::Terminal { proc: 1, text: screen.into() }).is_empty());
+    assert_eq!(s.advance(Duration::from_millis(300)), vec![Output::WriteTerminal { proc: 1, data: "\x1b[B".into() }]);
+    let redraw = "\x1b[12;3H \x1b[13;3H\u{276f}"; // only the cells that changed
+    assert!(s.input(Input::Terminal { proc: 1, text: redraw.into() }).is_empty());
+    assert_eq!(s.advance(Duration::from_millis(300)), vec![Output::WriteTerminal { proc: 1, data: "\r".into() }]);
+    // Answered once: if the screen stays, the ready timeout reports it.
+    assert!(s.input(Input::Terminal { proc: 1, text: screen.into() }).is_empty());
+    assert!(s.advance(Duration::from_secs(1)).is_empty());
 }
 
 #[test]

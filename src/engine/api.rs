@@ -29,6 +29,11 @@ impl Engine {
                 self.push(Output::Status { conn, report });
                 None
             }),
+            ("GET", "/metrics") => self.authorize(&req).map(|()| {
+                let report = self.metrics_report();
+                self.push(Output::Metrics { conn, report });
+                None
+            }),
             ("POST", "/v1/chat/completions") => {
                 self.authorize(&req).and_then(|()| self.chat(now, conn, &req, unix_secs)).map(|()| None)
             }
@@ -39,6 +44,8 @@ impl Engine {
                 _,
                 "/healthz"
                 | "/readyz"
+                | "/status"
+                | "/metrics"
                 | "/v1/models"
                 | "/v1/chat/completions"
                 | HOOK_STOP
@@ -169,10 +176,14 @@ impl Engine {
             log::info!("session {key}: Stop hook with no turn in flight");
             return;
         };
-        let answer = match last {
+        if turn.awaits_usage() {
+            log::info!("session {key}: another Stop hook for {}", turn.chat_id);
+            return;
+        }
+        match last {
             Err(error) => {
                 let msg = format!("Claude's model API call failed: {error}");
-                Answer::Error(ApiError::new(502, "claude_api_error", msg))
+                self.end_turn(now, &key, Answer::Error(ApiError::new(502, "claude_api_error", msg)));
             }
             Ok(last) => {
                 if turn.replies.is_empty() && !last.is_empty() {
@@ -180,10 +191,9 @@ impl Engine {
                     let chat_id = turn.chat_id.clone();
                     self.on_reply(now, &key, &chat_id, last);
                 }
-                Answer::Text(self.sessions[&key].current.as_ref().expect("turn").replies.join("\n\n"))
+                self.finish_turn(now, id, &key);
             }
-        };
-        self.end_turn(now, &key, answer);
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::session::{Recent, RECENT_TTL};
-use super::Engine;
+use super::{Engine, Usage};
 use crate::wire::openai::ApiError;
 
 /// Longest session key accepted (OpenClaw's are `<uuid>:<N>`, about 40 bytes).
@@ -34,9 +34,9 @@ pub fn add_alias(aliases: &mut Vec<String>, key: &str) {
 
 /// Keep `text` as the answer to the request with `fingerprint`, newest first, within
 /// `RECENT_TTL`, `RECENT_MAX` answers and `RECENT_MAX_BYTES`.
-pub fn remember(recent: &mut VecDeque<Recent>, fingerprint: u64, answer: String, now: Instant) {
+pub fn remember(recent: &mut VecDeque<Recent>, fingerprint: u64, answer: String, usage: Usage, now: Instant) {
     recent.retain(|r| r.fingerprint != fingerprint && now.duration_since(r.at) < RECENT_TTL);
-    recent.push_front(Recent { fingerprint, answer, at: now });
+    recent.push_front(Recent { fingerprint, answer, usage, at: now });
     recent.truncate(RECENT_MAX);
     let mut bytes: usize = recent.iter().map(|r| r.answer.len()).sum();
     while bytes > RECENT_MAX_BYTES && recent.len() > 1 {

@@ -11,16 +11,19 @@ pub use bounds::Stats;
 pub mod attachments;
 mod clock;
 pub mod history;
+mod metrics;
 mod openclaw;
 mod permissions;
 mod pool;
 pub use api::{session_key, HOOK_PROMPT, HOOK_STOP, HOOK_STOP_FAILURE};
+pub use metrics::{HostFigures, Metrics, MetricsReport};
 pub use permissions::Permissions;
 mod process;
 pub mod screen;
 mod session;
 mod tools;
 mod turn;
+mod usage;
 pub use turn::error_response;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -30,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::bridge::{FromChannel, ToChannel};
 use crate::wire::http::{Request, Response};
+pub use crate::wire::transcript::{Read as TranscriptRead, Usage};
 use process::Process;
 use session::Session;
 
@@ -79,6 +83,13 @@ pub enum Input {
     Exited {
         proc: ProcId,
         status: String,
+    },
+    /// What claude's transcript gained since the last read: token usage per turn, and whether
+    /// the newest turn's answer has been written. The shell reads it before it feeds a Stop hook
+    /// or a client-tool or permission request of that process, and on `ReadTranscript`.
+    Usage {
+        proc: ProcId,
+        read: TranscriptRead,
     },
     /// How the last `SaveSessions` went: `error` when the map could not be written.
     Saved {
@@ -145,6 +156,10 @@ pub enum Output {
         proc: ProcId,
         data: String,
     },
+    /// Read the process's transcript now (answered at once with `Input::Usage`, if readable).
+    ReadTranscript {
+        proc: ProcId,
+    },
     /// Signal the process group.
     Signal {
         proc: ProcId,
@@ -169,6 +184,11 @@ pub enum Output {
     Status {
         conn: ConnId,
         report: StatusReport,
+    },
+    /// Answer `GET /metrics`: render `report` with the figures only /proc has.
+    Metrics {
+        conn: ConnId,
+        report: MetricsReport,
     },
     /// Every process is gone after a shutdown: exit 0.
     Exit,
@@ -346,6 +366,8 @@ struct State {
     memory: Option<pool::Memory>,
     #[serde(with = "clock::opt")]
     spare_at: Option<Instant>,
+    #[serde(default)]
+    metrics: Metrics,
 }
 
 pub struct Engine {
@@ -373,6 +395,7 @@ pub struct Engine {
     spare_at: Option<Instant>,
     /// Newest wall-clock time seen (unix seconds, from requests): the engine has no clock.
     unix_secs: u64,
+    metrics: Metrics,
     outputs: VecDeque<Output>,
 }
 
@@ -394,6 +417,7 @@ impl Engine {
             memory: None,
             spare_at: Some(now),
             unix_secs: 0,
+            metrics: Metrics::default(),
             outputs: VecDeque::new(),
         }
     }
@@ -415,6 +439,7 @@ impl Engine {
             unix_secs: self.unix_secs,
             memory: self.memory.take(),
             spare_at: self.spare_at,
+            metrics: std::mem::take(&mut self.metrics),
         };
         let json = clock::with_base(now, || serde_json::to_string(&state)).expect("engine state serialises");
         self.put_back(state);
@@ -444,6 +469,7 @@ impl Engine {
         self.unix_secs = state.unix_secs;
         self.memory = state.memory;
         self.spare_at = state.spare_at;
+        self.metrics = state.metrics;
     }
 
     /// Sessions known from an earlier run: their next process resumes their Claude session.
@@ -466,6 +492,7 @@ impl Engine {
             Input::SpawnFailed { proc, error } => self.on_spawn_failed(now, proc, error),
             Input::Terminal { proc, text } => self.on_terminal(now, proc, &text),
             Input::Exited { proc, status } => self.on_exited(now, proc, &status),
+            Input::Usage { proc, read } => self.on_usage(now, proc, read),
             Input::Saved { error } => self.on_saved(error),
             Input::Memory { available, groups } => self.on_memory(now, available, groups),
             Input::Shutdown => self.on_shutdown(now),
@@ -516,7 +543,7 @@ impl Engine {
         }
         log::info!("shutting down: {} sessions, {} processes", self.sessions.len(), self.procs.len());
         self.shutdown = Shutdown::Draining(now + self.settings.shutdown_grace);
-        self.fail_all_queued();
+        self.fail_all_queued(now);
         self.maybe_finish_shutdown(now);
     }
 
@@ -597,6 +624,17 @@ impl Engine {
 
     fn push(&mut self, out: Output) {
         self.outputs.push_back(out);
+    }
+
+    /// The process a hook request comes from (by its token), so that the shell can read that
+    /// claude's transcript before feeding the hook.
+    pub fn process_of_hook(&self, req: &Request) -> Option<ProcId> {
+        self.process_by_hook_token(req.bearer()?)
+    }
+
+    /// The process bound to a bridge connection.
+    pub fn process_of_bridge(&self, conn: ConnId) -> Option<ProcId> {
+        self.bridges.get(&conn).copied()
     }
 
     /// Draining or stopping after SIGTERM/SIGINT.

@@ -77,9 +77,10 @@ impl Engine {
             let Some(back) = self.continue_with_verdict(now, key, req, l) else { return Ok(()) };
             let Some(back) = self.continue_with_tool_result(now, key, req, back) else { return Ok(()) };
             let Err(back) = self.attach(now, key, fingerprint, back) else { return Ok(()) };
-            if let Some(text) = self.sessions[key].recent_answer(fingerprint, now).map(String::from) {
+            if let Some((text, usage)) = self.sessions[key].recent_answer(fingerprint, now) {
                 log::info!("session {key}: identical request answered again from the finished turn");
                 let mut turn = Turn::new(fingerprint, Parts::default());
+                turn.usage = usage; // what the answer cost, reported to the client that gets it
                 self.listen(now, key, &mut turn, back);
                 self.stream_text(now, &mut turn, &text);
                 self.answer(&mut turn, &Answer::Text(text));

@@ -150,7 +150,7 @@ impl Engine {
             if let Some(s) = self.sessions.get_mut(&newest) {
                 s.wants_slot = false;
             }
-            self.fail_queued(&newest, &err);
+            self.fail_queued(now, &newest, &err);
         }
         self.refill_spares(now);
     }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::pool::is_spare_key;
-use super::screen::{Prompt, Screen, CONFIRM_DELAY, TRUST_ANSWER};
+use super::screen::{self, Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_SELECT};
 use super::turn::Answer;
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, Signal, SpawnSpec};
 use crate::wire::bridge::{self, FromChannel, ToChannel};
@@ -26,6 +26,16 @@ pub enum ProcState {
     Stopping,
 }
 
+/// Where synthesis is in answering the workspace-trust screen (trust_workspace = yes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+enum TrustStep {
+    #[default]
+    Unanswered,
+    /// Arrow down typed (or about to be); Enter follows once the selection is seen to move.
+    Selecting,
+    Answered,
+}
+
 #[derive(Serialize, Deserialize)]
 pub struct Process {
     pub session: String,
@@ -44,7 +54,13 @@ pub struct Process {
     ready_deadline: Instant,
     #[serde(with = "super::clock::opt")]
     confirm_at: Option<Instant>,
+    /// What to type at `confirm_at`.
+    #[serde(default = "enter")]
+    confirm_keys: String,
     dialog_seen: bool,
+    /// Answering the workspace-trust screen (trust_workspace = yes): once only.
+    #[serde(default)]
+    trust: TrustStep,
     /// SIGKILL after this, while stopping.
     #[serde(with = "super::clock::opt")]
     kill_at: Option<Instant>,
@@ -71,6 +87,9 @@ pub struct Process {
     pub tools_wait_until: Option<Instant>,
     /// Why synthesis is stopping it, for the turn that is cut short.
     stop_reason: Option<String>,
+    /// The shell reads its transcript (so a turn's response can wait for the turn's usage).
+    #[serde(default)]
+    pub transcript_read: bool,
 }
 
 impl Process {
@@ -106,6 +125,12 @@ impl Process {
             turns: self.turns,
             rss_kib: None,
         }
+    }
+
+    /// Type `keys` after `CONFIRM_DELAY`: the TUI drops keys that arrive before a dialog is drawn.
+    fn type_later(&mut self, now: Instant, keys: &str) {
+        self.confirm_at = Some(now + CONFIRM_DELAY);
+        self.confirm_keys = keys.to_string();
     }
 
     fn describe(&self) -> String {
@@ -148,7 +173,9 @@ impl Engine {
             turns: 0,
             ready_deadline: now + self.settings.ready_timeout,
             confirm_at: None,
+            confirm_keys: enter(),
             dialog_seen: false,
+            trust: TrustStep::Unanswered,
             kill_at: None,
             settle_until: None,
             last_heard: now,
@@ -159,6 +186,7 @@ impl Engine {
             tools_sent: None,
             tools_wait_until: None,
             stop_reason: None,
+            transcript_read: false,
         };
         self.procs.insert(id, proc);
         self.memory_spawned();
@@ -181,7 +209,7 @@ impl Engine {
         let msg = format!("cannot start claude: {error}; check claude_command in synthesis.conf");
         log::error!("session {}: {msg}", p.session);
         self.detach(&p);
-        self.fail_queued(&p.session, &ApiError::new(502, "claude_spawn_failed", msg));
+        self.fail_queued(now, &p.session, &ApiError::new(502, "claude_spawn_failed", msg));
         self.spare_lost(now, &p.session);
         self.rebalance(now);
         self.maybe_exit();
@@ -195,13 +223,18 @@ impl Engine {
         if p.state != ProcState::Starting {
             return;
         }
+        if p.trust == TrustStep::Selecting && p.confirm_at.is_none() && screen::trust_selection(text) == Some(true) {
+            log::warn!(
+                "session {}: accepting Claude Code's workspace-trust question (trust_workspace = yes)",
+                p.session
+            );
+            p.trust = TrustStep::Answered;
+            p.type_later(now, TRUST_CONFIRM);
+        }
         for prompt in prompts {
             match prompt {
                 Prompt::DevChannels => self.confirm_dev_channels(now, id),
-                Prompt::WorkspaceTrust if self.settings.trust_workspace => {
-                    log::warn!("process {id}: accepting the workspace-trust question (trust_workspace = yes)");
-                    self.push(Output::WriteTerminal { proc: id, data: TRUST_ANSWER.into() });
-                }
+                Prompt::WorkspaceTrust if self.settings.trust_workspace => self.select_trust(now, id),
                 Prompt::WorkspaceTrust | Prompt::ApiKeyApproval => {
                     let code =
                         if prompt == Prompt::WorkspaceTrust { "workspace_not_trusted" } else { "api_key_not_approved" };
@@ -221,7 +254,18 @@ impl Engine {
         let p = self.procs.get_mut(&id).expect("process");
         if !p.dialog_seen {
             p.dialog_seen = true;
-            p.confirm_at = Some(now + CONFIRM_DELAY);
+            p.type_later(now, "\r");
+        }
+    }
+
+    /// trust_workspace = yes: select "Yes, I trust this folder" (`on_terminal` confirms it once the
+    /// selection has moved); once. Enter is never typed while "No, exit" may be selected: if the
+    /// screen stays, the ready timeout fails the request with it on the terminal tail.
+    fn select_trust(&mut self, now: Instant, id: ProcId) {
+        let p = self.procs.get_mut(&id).expect("process");
+        if p.trust == TrustStep::Unanswered {
+            p.trust = TrustStep::Selecting;
+            p.type_later(now, TRUST_SELECT);
         }
     }
 
@@ -294,8 +338,9 @@ impl Engine {
         p.confirm_at = None;
         p.idle_since = now;
         let key = p.session.clone();
-        let ms = now.duration_since(p.started).as_millis();
-        log::info!("session {key}: process {id} ready after {ms} ms");
+        let took = now.duration_since(p.started);
+        log::info!("session {key}: process {id} ready after {} ms", took.as_millis());
+        self.metrics.spawn_duration.observe(took);
         self.deliver_next(now, &key);
     }
 
@@ -328,7 +373,9 @@ impl Engine {
         }
         let why = p.stop_reason.as_ref().map_or(String::new(), |r| format!(" (synthesis was stopping it: {r})"));
         let reason = format!("{} exited ({status}){why}", p.describe());
-        if self.sessions[&key].current.is_some() {
+        if self.sessions[&key].current.as_ref().is_some_and(|t| t.awaits_usage()) {
+            self.end_stopped_turn(now, &key); // Claude had answered it
+        } else if self.sessions[&key].current.is_some() {
             let msg = format!("{reason} during the turn; {}", p.tail());
             self.end_turn(now, &key, Answer::Error(ApiError::new(502, "claude_exited", msg)));
         }
@@ -336,11 +383,11 @@ impl Engine {
         if queued && p.state == ProcState::Starting {
             // Died before becoming ready: respawning would likely loop; report why.
             let msg = format!("{reason} before its channel was ready; {}", p.tail());
-            self.fail_queued(&key, &ApiError::new(502, "claude_start_failed", msg));
+            self.fail_queued(now, &key, &ApiError::new(502, "claude_start_failed", msg));
         } else if queued && !self.shutting_down() {
             // Queued turns go to a fresh process that resumes the same Claude session.
             if let Err(e) = self.ensure_process(now, &key) {
-                self.fail_queued(&key, &e);
+                self.fail_queued(now, &key, &e);
             }
         }
         self.rebalance(now);
@@ -365,7 +412,7 @@ impl Engine {
         if self.sessions[&key].current.is_some() {
             self.end_turn(now, &key, Answer::Error(err.clone()));
         }
-        self.fail_queued(&key, &err);
+        self.fail_queued(now, &key, &err);
     }
 
     /// SIGTERM to the process group, SIGKILL after `stop_grace`.
@@ -392,8 +439,9 @@ impl Engine {
             match p.state {
                 ProcState::Starting if p.confirm_at.is_some_and(|t| now >= t) => {
                     p.confirm_at = None;
-                    log::info!("session {}: confirming the development-channels dialog", p.session);
-                    self.push(Output::WriteTerminal { proc: id, data: "\r".into() });
+                    let data = std::mem::replace(&mut p.confirm_keys, enter());
+                    log::info!("session {}: answering claude's dialog with {data:?}", p.session);
+                    self.push(Output::WriteTerminal { proc: id, data });
                 }
                 ProcState::Starting => {
                     let secs = self.settings.ready_timeout.as_secs_f32();
@@ -460,6 +508,7 @@ impl Engine {
         }
         p.deliveries += 1;
         p.redeliver_at = Some(now + ACK_TIMEOUT);
+        self.metrics.deliveries_repeated += 1;
         log::warn!("session {key}: claude has not taken {} yet, delivering again", turn.chat_id);
         let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
         self.push(Output::Bridge { conn, frame });
@@ -498,4 +547,8 @@ impl Engine {
 
 fn same_token(ours: &str, theirs: &str) -> bool {
     super::bounds::constant_time_eq(ours.as_bytes(), theirs.as_bytes())
+}
+
+fn enter() -> String {
+    "\r".into()
 }

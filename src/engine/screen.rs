@@ -49,8 +49,23 @@ const MARKERS: &[(&str, Prompt)] = &[
 /// Pause between seeing the development-channels warning and pressing Enter: the real TUI
 /// drops keys that arrive before it has finished drawing the dialog.
 pub const CONFIRM_DELAY: Duration = Duration::from_millis(300);
-/// Keys that pick "Yes, I trust this folder" (option 1) on the workspace-trust screen.
-pub const TRUST_ANSWER: &str = "1";
+/// How to accept the workspace-trust screen, as Claude Code 2.1.332 draws it ("❯ No, exit" selected,
+/// "Yes, I trust this folder" below, no numbers): arrow down once the screen has been drawn for
+/// `CONFIRM_DELAY` (keys that come earlier move the cursor but Enter then does not confirm), then,
+/// once the redraw shows the selection off "No, exit" (`trust_selection`), Enter after
+/// `CONFIRM_DELAY`. Claude records the trust in `~/.claude.json` itself.
+pub const TRUST_SELECT: &str = "\x1b[B";
+pub const TRUST_CONFIRM: &str = "\r";
+
+/// Where terminal output drawn after `TRUST_SELECT` puts the trust screen's selection marker `❯`:
+/// `Some(true)` off "No, exit" (on "Yes, I trust this folder"), `Some(false)` still on it, `None`
+/// when the output draws no marker. The TUI may redraw only the cells that changed (a lone `❯`
+/// moved down a line), so the marker's neighbourhood is all there is to go by.
+pub fn trust_selection(output: &str) -> Option<bool> {
+    let squashed: String = strip_ansi(output).chars().filter(|c| !c.is_whitespace()).collect();
+    let at = squashed.rfind('❯')?;
+    Some(!squashed[at..].starts_with("❯No,exit"))
+}
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Screen {
@@ -147,6 +162,18 @@ mod tests {
         assert!(s.push("I am \x1b[2Cusing this for lo").is_empty());
         assert_eq!(s.push("cal development"), vec![Prompt::DevChannels]);
         assert!(s.push(" more").is_empty(), "reported once");
+    }
+
+    #[test]
+    fn the_trust_screen_and_where_its_selection_moves() {
+        let mut s = Screen::default();
+        let first = "Quick safety check\r\n  \u{276f} No, exit \r\n Yes, I trust this folder\r\n";
+        assert_eq!(s.push(first), vec![Prompt::WorkspaceTrust]);
+        assert_eq!(trust_selection(first), Some(false));
+        // Redrawn whole lines, or (seen under load) only the cells that changed.
+        assert_eq!(trust_selection("\r    No, exit\r   \u{276f} Yes, I trust this folder \r"), Some(true));
+        assert_eq!(trust_selection("\x1b[12;3H \x1b[13;3H\u{276f}"), Some(true));
+        assert_eq!(trust_selection("\x1b[?25l"), None);
     }
 
     #[test]

@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::metrics;
 use super::openclaw::compose;
 use super::process::ACK_TIMEOUT;
 use super::turn::{Answer, Listener, Turn};
-use super::{ConnId, Engine, Output, ProcId, SessionRecord};
+use super::{ConnId, Engine, Output, ProcId, SessionRecord, Usage};
 use crate::wire::bridge::{ToChannel, ToolDef};
 use crate::wire::openai::ApiError;
 
@@ -62,6 +63,9 @@ pub struct Session {
 pub struct Recent {
     pub fingerprint: u64,
     pub answer: String,
+    /// The usage its response reported.
+    #[serde(default)]
+    pub usage: Usage,
     #[serde(with = "super::clock::at")]
     pub at: Instant,
 }
@@ -122,11 +126,11 @@ impl Session {
         self.current.is_none() && self.queue.is_empty()
     }
 
-    pub fn recent_answer(&self, fingerprint: u64, now: Instant) -> Option<&str> {
+    pub fn recent_answer(&self, fingerprint: u64, now: Instant) -> Option<(String, Usage)> {
         self.recent
             .iter()
             .find(|r| r.fingerprint == fingerprint && now.duration_since(r.at) < RECENT_TTL)
-            .map(|r| r.answer.as_str())
+            .map(|r| (r.answer.clone(), r.usage))
     }
 }
 
@@ -184,6 +188,7 @@ impl Engine {
         session.claude_fresh = false;
         self.sessions_dirty |= session.system_hash != seen;
         turn.deadline = Some(now + self.settings.turn_timeout);
+        turn.delivered = Some(now);
         let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
         log::info!("session {key}: delivering {} to process {pid}", turn.chat_id);
         session.current = Some(turn);
@@ -243,9 +248,14 @@ impl Engine {
         let Some(session) = self.sessions.get_mut(key) else { return };
         let Some(mut turn) = session.current.take() else { return };
         if let Answer::Text(text) = &answer {
-            super::bounds::remember(&mut session.recent, turn.fingerprint, text.clone(), now);
+            super::bounds::remember(&mut session.recent, turn.fingerprint, text.clone(), turn.usage, now);
         }
         let (ephemeral, proc) = (session.ephemeral, session.proc);
+        let outcome = match &answer {
+            Answer::Text(_) => metrics::OK,
+            Answer::Error(e) => e.code.as_str(),
+        };
+        self.count_turn(now, &turn, outcome);
         self.answer(&mut turn, &answer);
         if let Some(p) = proc.and_then(|id| self.procs.get_mut(&id)) {
             p.idle_since = now;
@@ -262,21 +272,22 @@ impl Engine {
     }
 
     /// Fail every turn of a session that has not reached Claude.
-    pub(super) fn fail_queued(&mut self, key: &str, err: &ApiError) {
+    pub(super) fn fail_queued(&mut self, now: Instant, key: &str, err: &ApiError) {
         let queued: Vec<Turn> = match self.sessions.get_mut(key) {
             Some(s) => s.queue.drain(..).collect(),
             None => return,
         };
         for mut turn in queued {
+            self.count_turn(now, &turn, &err.code);
             self.answer(&mut turn, &Answer::Error(err.clone()));
         }
     }
 
-    pub(super) fn fail_all_queued(&mut self) {
+    pub(super) fn fail_all_queued(&mut self, now: Instant) {
         let err = super::api::shutting_down();
         let keys: Vec<String> = self.sessions.keys().cloned().collect();
         for key in keys {
-            self.fail_queued(&key, &err);
+            self.fail_queued(now, &key, &err);
         }
     }
 
@@ -293,6 +304,10 @@ impl Engine {
             }
             let session = self.sessions.get_mut(&key).expect("session");
             session.queue = queue;
+            if self.expire_usage_wait(now, &key) {
+                continue;
+            }
+            let session = self.sessions.get_mut(&key).expect("session");
             let Some(mut turn) = session.current.take() else { continue };
             if due_at(turn.keepalive_at) {
                 self.keep_alive(now, &mut turn);
@@ -322,6 +337,7 @@ impl Engine {
                 p.idle_since = now;
             }
         }
+        self.count_turn(now, &turn, err.as_ref().map_or(metrics::ABANDONED, |e| e.code.as_str()));
         if let Some(err) = err {
             self.answer(&mut turn, &Answer::Error(err));
         }
@@ -339,7 +355,13 @@ impl Engine {
         for turn in session.current.iter_mut().chain(session.queue.iter_mut()) {
             turn.listeners.retain(|l| l.conn != conn);
         }
-        session.queue.retain(|t| !t.listeners.is_empty());
+        let (kept, dropped): (VecDeque<Turn>, VecDeque<Turn>) =
+            std::mem::take(&mut session.queue).into_iter().partition(|t| !t.listeners.is_empty());
+        session.queue = kept;
+        for turn in &dropped {
+            self.count_turn(now, turn, metrics::ABANDONED);
+        }
+        let Some(session) = self.sessions.get_mut(&key) else { return };
         if let Some(turn) = session.current.as_mut().filter(|t| t.listeners.is_empty() && !t.awaits_client()) {
             log::info!("session {key}: the client of {} left", turn.chat_id);
             turn.orphan_deadline = Some(now + grace);

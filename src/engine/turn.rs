@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attachments::Attachment;
 use super::history::{answer_print, call_print, Missed};
-use super::{ConnId, Engine, Output};
+use super::{ConnId, Engine, Output, Usage};
 use crate::wire::http::Response;
 use crate::wire::openai::{self, ApiError, Completion, ToolCall};
 
@@ -76,6 +76,21 @@ pub struct Turn {
     pub asked_permission: Option<String>,
     /// Permission questions not shown yet: (request id, text for the user).
     pub permissions: VecDeque<(String, String)>,
+    /// When it was delivered to Claude, for `synthesis_turn_duration_seconds`.
+    #[serde(default, with = "super::clock::opt")]
+    pub delivered: Option<Instant>,
+    /// Claude's API calls for this turn not yet reported in a response's `usage`.
+    #[serde(default)]
+    pub usage: Usage,
+    /// The transcript shows the turn's answer: its usage is complete.
+    #[serde(default)]
+    pub usage_complete: bool,
+    /// Claude has ended the turn; the response waits for the transcript until this time.
+    #[serde(default, with = "super::clock::opt")]
+    pub usage_until: Option<Instant>,
+    /// Meanwhile, when to read the transcript again.
+    #[serde(default, with = "super::clock::opt")]
+    pub reread_at: Option<Instant>,
 }
 
 impl Turn {
@@ -94,11 +109,19 @@ impl Turn {
             calls: VecDeque::new(),
             asked_permission: None,
             permissions: VecDeque::new(),
+            delivered: None,
+            usage: Usage::default(),
+            usage_complete: false,
+            usage_until: None,
+            reread_at: None,
         }
     }
 
     pub fn deadline(&self) -> Option<Instant> {
-        [self.deadline, self.orphan_deadline, self.keepalive_at].into_iter().flatten().min()
+        [self.deadline, self.orphan_deadline, self.keepalive_at, self.usage_until, self.reread_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// A question (tool call or permission) is out with the client; its answer comes in a request.
@@ -160,6 +183,7 @@ impl Engine {
 
     /// End every listener's response with `answer`.
     pub(super) fn answer(&mut self, turn: &mut Turn, answer: &Answer) {
+        let usage = std::mem::take(&mut turn.usage);
         for l in std::mem::take(&mut turn.listeners) {
             if let (Some(key), Answer::Text(text)) = (self.waiting.remove(&l.conn), answer) {
                 self.remember_answer(&key, answer_print(text));
@@ -168,11 +192,12 @@ impl Engine {
             match answer {
                 Answer::Text(_) if l.stream => {
                     // The text went out as deltas already.
-                    self.push(Output::StreamData { conn, data: openai::stream_end(c, "stop", l.include_usage) });
+                    let data = openai::stream_end(c, "stop", l.include_usage.then_some(&usage));
+                    self.push(Output::StreamData { conn, data });
                     self.push(Output::StreamEnd { conn });
                 }
                 Answer::Text(text) => {
-                    let response = Response::json(200, openai::completion_json(c, text));
+                    let response = Response::json(200, openai::completion_json(c, text, &usage));
                     self.push(Output::Respond { conn, response });
                 }
                 Answer::Error(e) => {
@@ -192,6 +217,7 @@ impl Engine {
     /// End every listener's response with a client-tool call (`finish_reason: "tool_calls"`).
     pub(super) fn answer_tool_call(&mut self, turn: &mut Turn, call: &ToolCall) {
         let text = turn.replies.join("\n\n");
+        let usage = std::mem::take(&mut turn.usage);
         for l in std::mem::take(&mut turn.listeners) {
             if let Some(key) = self.waiting.remove(&l.conn) {
                 self.remember_answer(&key, call_print(&call.id));
@@ -199,11 +225,11 @@ impl Engine {
             let (conn, c) = (l.conn, &l.completion);
             if l.stream {
                 let mut data = openai::tool_call_chunk(c, call);
-                data.push_str(&openai::stream_end(c, "tool_calls", l.include_usage));
+                data.push_str(&openai::stream_end(c, "tool_calls", l.include_usage.then_some(&usage)));
                 self.push(Output::StreamData { conn, data });
                 self.push(Output::StreamEnd { conn });
             } else {
-                let response = Response::json(200, openai::tool_call_json(c, &text, call));
+                let response = Response::json(200, openai::tool_call_json(c, &text, call, &usage));
                 self.push(Output::Respond { conn, response });
             }
         }

@@ -1,7 +1,6 @@
-//! Memory readings from /proc and the cgroup filesystem, for the engine's pool policy and
-//! `/status`: what the host can still give us, and what each claude's process group holds.
+//! What memory the host can still give us (/proc/meminfo and the cgroup filesystem), for the
+//! engine's pool policy and `/status`; what each claude holds is `procfs::group_rss`.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// Read from here instead of /proc/meminfo (a test seam: loopback tests script the host's
@@ -41,26 +40,4 @@ fn cgroup_room() -> Option<u64> {
         }
     }
     None
-}
-
-/// Resident bytes per process group, for every process on the host (one pass over /proc).
-pub fn group_rss() -> HashMap<u32, u64> {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    let mut groups = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return groups };
-    for entry in dir.flatten() {
-        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        // Fields after the command name: state ppid pgrp ... rss is the 22nd of them.
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-        if let (Some(pgrp), Some(rss)) = (fields.get(2), fields.get(21)) {
-            if let (Ok(pgrp), Ok(rss)) = (pgrp.parse::<u32>(), rss.parse::<u64>()) {
-                *groups.entry(pgrp).or_insert(0) += rss * page;
-            }
-        }
-    }
-    groups
 }

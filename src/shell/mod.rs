@@ -3,8 +3,13 @@
 
 pub mod conn;
 mod memory;
+mod procfs;
 pub mod spawn;
+mod transcript;
 mod upgrade;
+
+pub use memory::ENV_MEMINFO as MEMINFO_ENV;
+pub use upgrade::ENV_FD as UPGRADE_ENV;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -24,8 +29,10 @@ use signal_hook_mio::v1_0::Signals;
 use crate::config::Config;
 use crate::engine::{Engine, Ids, Input, Output, ProcId, RandomIds, Settings, Signal};
 use crate::trace::{Record, Trace, TracedIds};
+use crate::wire::bridge::FromChannel;
 use conn::{BridgeConn, BridgeEvent, HttpConn, HttpEvent};
 use spawn::{home, Launch};
+use transcript::Transcript;
 use upgrade::{ChildSnapshot, Handover};
 
 const LISTENER: Token = Token(0);
@@ -50,6 +57,8 @@ struct Child {
     pid: u32,
     master: OwnedFd,
     token: Token,
+    /// Its session transcript, read for token usage.
+    transcript: Option<Transcript>,
 }
 
 struct Shell {
@@ -161,7 +170,8 @@ impl Shell {
             let master = unsafe { OwnedFd::from_raw_fd(c.master) };
             shell.poll.registry().register(&mut SourceFd(&c.master), Token(c.token), Interest::READABLE)?;
             shell.sources.insert(Token(c.token), Source::Terminal(c.proc));
-            shell.children.insert(c.proc, Child { pid: c.pid, master, token: Token(c.token) });
+            let child = Child { pid: c.pid, master, token: Token(c.token), transcript: c.transcript };
+            shell.children.insert(c.proc, child);
         }
         log::info!(
             "upgraded in place (pid {}): {} connections, {} claude processes, listening on http://{}",
@@ -184,8 +194,7 @@ impl Shell {
         start: Instant,
         engine: impl FnOnce(Settings, Box<dyn Ids>) -> io::Result<Engine>,
     ) -> io::Result<Self> {
-        let workspace =
-            with_context(format!("workspace {}", config.workspace.display()), config.workspace.canonicalize())?;
+        let workspace = with_context(format!("workspace {}", config.workspace.display()), config.workspace_dir())?;
         raise_fd_limit(config.max_connections + REFUSAL_ROOM + config.max_processes + SPARE_FDS);
         let self_exe = with_context("cannot find own binary", std::env::current_exe())?;
         let poll = Poll::new()?;
@@ -338,6 +347,7 @@ impl Shell {
                 }
             }
             Output::Spawn { proc, spec } => self.spawn(proc, &spec),
+            Output::ReadTranscript { proc } => self.read_usage(proc),
             Output::WriteTerminal { proc, data } => {
                 if let Some(child) = self.children.get(&proc) {
                     // A few bytes (Enter, ESC): the terminal buffer always takes them.
@@ -376,13 +386,19 @@ impl Shell {
                 }
             }
             Output::Status { conn, mut report } => {
-                let groups = memory::group_rss();
+                let groups = procfs::group_rss();
                 for p in &mut report.processes {
                     p.rss_kib = p.pid.and_then(|pid| groups.get(&pid)).map(|b| b / 1024);
                 }
                 report.memory_available = memory::available();
                 let body = serde_json::to_string_pretty(&report).expect("status serialises");
                 self.with_http(conn, |c| c.respond(&crate::wire::http::Response::json(200, body)));
+            }
+            Output::Metrics { conn, report } => {
+                let text = report.render(&procfs::host_figures(&report.claude_pids));
+                let content_type = ("content-type".into(), crate::wire::prometheus::CONTENT_TYPE.into());
+                let response = crate::wire::http::Response { status: 200, headers: vec![content_type], body: text };
+                self.with_http(conn, |c| c.respond(&response));
             }
             Output::Exit => self.exit = true,
         }
@@ -420,7 +436,7 @@ impl Shell {
     fn read_memory(&mut self) {
         self.next_memory_check = Some(Instant::now() + MEMORY_SAMPLE);
         let Some(available) = memory::available() else { return };
-        let groups = memory::group_rss();
+        let groups = procfs::group_rss();
         let claudes = self.children.iter().map(|(proc, c)| (*proc, groups.get(&c.pid).copied().unwrap_or(0))).collect();
         self.feed(Input::Memory { available, groups: claudes });
     }
@@ -530,6 +546,13 @@ impl Shell {
         let conn = token.0 as u64;
         match ev {
             HttpEvent::Request(request) => {
+                let path = request.path.split('?').next().unwrap_or("");
+                if path == crate::engine::HOOK_STOP || path == crate::engine::HOOK_STOP_FAILURE {
+                    // The turn ends with this hook: its usage first.
+                    if let Some(proc) = self.engine.process_of_hook(&request) {
+                        self.read_usage(proc);
+                    }
+                }
                 let unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 self.feed(Input::Http { conn, request, unix_secs });
             }
@@ -561,7 +584,15 @@ impl Shell {
         let conn = token.0 as u64;
         for ev in events {
             match ev {
-                BridgeEvent::Frame(frame) => self.feed(Input::BridgeFrame { conn, frame }),
+                BridgeEvent::Frame(frame) => {
+                    if matches!(frame, FromChannel::ToolCall { .. } | FromChannel::PermissionRequest { .. }) {
+                        // This ends a response (it asks the client): its usage first.
+                        if let Some(proc) = self.engine.process_of_bridge(conn) {
+                            self.read_usage(proc);
+                        }
+                    }
+                    self.feed(Input::BridgeFrame { conn, frame })
+                }
                 BridgeEvent::Closed => self.close(token),
             }
         }
@@ -605,6 +636,8 @@ impl Shell {
         };
         let tmpdir = self.config.state_dir.join("tmp").join(proc.to_string());
         let resumed = launch.resumes(&spec.session_uuid);
+        // From the transcript's present end: a resumed session's earlier calls are not this process's.
+        let transcript = Some(Transcript::open(launch.transcript(&spec.session_uuid)));
         let flag = if resumed { "--resume" } else { "--session-id" };
         log::info!("process {proc}: starting {} {flag} {}", self.config.claude_command, spec.session_uuid);
         match launch.spawn(spec, resumed, &tmpdir) {
@@ -616,10 +649,18 @@ impl Shell {
                     log::error!("cannot watch claude's terminal: {e}");
                 }
                 self.sources.insert(token, Source::Terminal(proc));
-                self.children.insert(proc, Child { pid, master, token });
+                self.children.insert(proc, Child { pid, master, token, transcript });
                 self.feed(Input::Spawned { proc, pid, resumed });
             }
             Err(e) => self.feed(Input::SpawnFailed { proc, error: e.to_string() }),
+        }
+    }
+
+    /// Feed the engine the usage claude's transcript gained since the last read.
+    fn read_usage(&mut self, proc: ProcId) {
+        let Some(t) = self.children.get_mut(&proc).and_then(|c| c.transcript.as_mut()) else { return };
+        if let Some(read) = t.read() {
+            self.feed(Input::Usage { proc, read });
         }
     }
 
@@ -697,7 +738,13 @@ impl Shell {
         let children = self
             .children
             .iter()
-            .map(|(proc, c)| ChildSnapshot { proc: *proc, pid: c.pid, master: c.master.as_raw_fd(), token: c.token.0 })
+            .map(|(proc, c)| ChildSnapshot {
+                proc: *proc,
+                pid: c.pid,
+                master: c.master.as_raw_fd(),
+                token: c.token.0,
+                transcript: c.transcript.clone(),
+            })
             .collect();
         Handover {
             engine: self.engine.export(now),

@@ -39,7 +39,12 @@ impl Launch<'_> {
     /// `--resume` when the session's transcript exists, else `--session-id` (claude refuses
     /// to resume an unknown session and to reuse a known id).
     pub fn resumes(&self, uuid: &str) -> bool {
-        self.projects_dir.join(project_dir_name(self.workspace)).join(format!("{uuid}.jsonl")).exists()
+        self.transcript(uuid).exists()
+    }
+
+    /// Where claude writes the session's transcript.
+    pub fn transcript(&self, uuid: &str) -> PathBuf {
+        self.projects_dir.join(project_dir_name(self.workspace)).join(format!("{uuid}.jsonl"))
     }
 
     /// The `--mcp-config` contents: the channel, with its bridge URL and one-time token.

@@ -38,6 +38,9 @@ pub struct ChildSnapshot {
     /// Its terminal's master side.
     pub master: RawFd,
     pub token: usize,
+    /// Where its transcript has been read up to (absent from an older image's hand-over).
+    #[serde(default)]
+    pub transcript: Option<super::transcript::Transcript>,
 }
 
 impl Handover {

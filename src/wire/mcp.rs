@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-/// Newest protocol for which Claude Code still registers channels (DESIGN.md §2.1).
+/// Newest protocol for which Claude Code still registers channels (docs/DESIGN.md §2.1).
 pub const PROTOCOL_VERSION: &str = "2025-11-25";
 pub const METHOD_NOT_FOUND: i64 = -32601;
 

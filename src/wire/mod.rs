@@ -5,3 +5,5 @@ pub mod bridge;
 pub mod http;
 pub mod mcp;
 pub mod openai;
+pub mod prometheus;
+pub mod transcript;

@@ -3,6 +3,8 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::transcript::Usage;
+
 /// The parts of a chat-completions request that synthesis acts on; everything else
 /// (tools, tool_choice, max_completion_tokens, ...) is accepted and ignored.
 #[derive(Debug, Deserialize)]
@@ -82,18 +84,21 @@ pub struct Completion {
     pub model: String,
 }
 
-fn usage() -> Value {
-    // Claude Code does not report token counts to a channel; zeros are the honest answer.
-    json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+/// OpenAI's usage object for Claude's API calls (from its transcript): `prompt_tokens` counts
+/// everything the model read (input + cache read + cache creation), `cached_tokens` the cache reads.
+fn usage(u: &Usage) -> Value {
+    let (prompt, completion) = (u.prompt_tokens(), u.output_tokens);
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": u.cache_read_input_tokens}})
 }
 
 /// The whole non-streamed answer.
-pub fn completion_json(c: &Completion, text: &str) -> String {
+pub fn completion_json(c: &Completion, text: &str, u: &Usage) -> String {
     json!({
         "id": c.id, "object": "chat.completion", "created": c.created, "model": c.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "finish_reason": "stop"}],
-        "usage": usage(),
+        "usage": usage(u),
     })
     .to_string()
 }
@@ -147,24 +152,24 @@ pub fn tool_call_chunk(c: &Completion, call: &ToolCall) -> String {
 }
 
 /// The whole non-streamed answer that asks the client to run a tool.
-pub fn tool_call_json(c: &Completion, text: &str, call: &ToolCall) -> String {
+pub fn tool_call_json(c: &Completion, text: &str, call: &ToolCall, u: &Usage) -> String {
     let content = if text.is_empty() { Value::Null } else { json!(text) };
     json!({
         "id": c.id, "object": "chat.completion", "created": c.created, "model": c.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "tool_calls": [call.json()]},
                      "finish_reason": "tool_calls"}],
-        "usage": usage(),
+        "usage": usage(u),
     })
     .to_string()
 }
 
-/// The closing events: finish reason, usage when asked for, and `[DONE]`.
-pub fn stream_end(c: &Completion, finish: &str, include_usage: bool) -> String {
+/// The closing events: finish reason, usage when asked for (`stream_options.include_usage`), and `[DONE]`.
+pub fn stream_end(c: &Completion, finish: &str, usage_chunk: Option<&Usage>) -> String {
     let mut out = chunk(c, json!({}), Some(finish));
-    if include_usage {
+    if let Some(u) = usage_chunk {
         let body = json!({
             "id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model,
-            "choices": [], "usage": usage(),
+            "choices": [], "usage": usage(u),
         });
         out.push_str(&sse_data(&body.to_string()));
     }

@@ -17,6 +17,7 @@ assistant messages after it, so multi-step scripts continue across tool results:
   #read      step 0: Read the first attachment the message names ("[image attached: PATH — ...")
              step 1: reply "echo: read <n> image block(s)" (n: image blocks in the Read result)
 Requests without a channel tag (titles, probes) get a short text answer.
+Usage is scripted too, distinct per step (see `usage`), so a test can check the sums synthesis reports.
 Every /v1/messages body is appended to LOGFILE as one JSON line.
 """
 import json
@@ -66,6 +67,24 @@ def image_blocks(msgs):
                 inner = block.get("content")
                 return [b for b in inner if isinstance(b, dict) and b.get("type") == "image"] if isinstance(inner, list) else []
     return []
+
+
+def usage(step):
+    """The usage reported for a call: step N of a channel turn, or None for other requests.
+    A default turn (steps 0 and 1): input 203, output 15, cache read 15000, cache creation 300."""
+    if step is None:
+        return {"input_tokens": 2, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    return {"input_tokens": 101 + step, "output_tokens": 7 + step, "cache_read_input_tokens": 5000 * (step + 1),
+            "cache_creation_input_tokens": 300 if step == 0 else 0}
+
+
+def channel_step(body):
+    """The step of a channel turn this request is, or None."""
+    msgs = body.get("messages") or []
+    for i in range(len(msgs) - 1, -1, -1):
+        if msgs[i].get("role") == "user" and CHANNEL.findall(text_of(msgs[i].get("content"))):
+            return sum(1 for m in msgs[i + 1:] if m.get("role") == "assistant")
+    return None
 
 
 def script(body):
@@ -166,9 +185,9 @@ class Handler(BaseHTTPRequestHandler):
         if "err400" in dirs:
             return self.json_response(400, {"type": "error", "error": {
                 "type": "invalid_request_error", "message": "scripted failure"}})
-        usage = {"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        call_usage = usage(channel_step(body))
         message = {"id": next_id("msg"), "type": "message", "role": "assistant", "model": body.get("model", "fake"),
-                   "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
+                   "content": [], "stop_reason": None, "stop_sequence": None, "usage": call_usage}
         try:
             if not body.get("stream"):
                 return self.json_response(200, {**message, "content": blocks, "stop_reason": stop})
@@ -191,7 +210,7 @@ class Handler(BaseHTTPRequestHandler):
                     event("content_block_delta", {"index": i, "delta": {
                         "type": "input_json_delta", "partial_json": json.dumps(b["input"])}})
                 event("content_block_stop", {"index": i})
-            event("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": 5}})
+            event("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": call_usage["output_tokens"]}})
             event("message_stop", {})
         except (BrokenPipeError, ConnectionResetError):
             pass

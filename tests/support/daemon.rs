@@ -72,6 +72,7 @@ impl Daemon {
             .env("HOME", dir.join("home"))
             .env("RUST_LOG", "info")
             .env("FAKE_CLAUDE_LOG", dir.join("delivered.jsonl"))
+            .env_remove("SYNTHESIS_REAL_CLAUDE") // the tests' own, not a setting of synthesis
             .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
@@ -323,6 +324,7 @@ pub fn doctor(name: &str, claude: &Path, seed: Option<serde_json::Value>, env: &
         .args(["doctor", "--config", dir.join("synthesis.conf").to_str().unwrap()])
         .env("HOME", dir.join("home"))
         .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("SYNTHESIS_REAL_CLAUDE")
         .envs(env.iter().copied())
         .output()
         .unwrap()
@@ -333,4 +335,19 @@ pub fn report(out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("{text}");
     text
+}
+
+/// `python3 -c "import <module>"` works. Otherwise the test is skipped with a visible line, or,
+/// under CI (`CI` set, as `.ci/run` does), fails: CI installs these modules.
+pub fn python_module(module: &str) -> bool {
+    let ok = Command::new("python3").args(["-c", &format!("import {module}")]).output();
+    if ok.is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(!ci, "python3 module `{module}` is missing under CI: .ci/run installs it");
+    // Straight to stderr, past the test harness's capture, so that the skip shows in `cargo test`.
+    let line = format!("SKIPPED: python3 module `{module}` is not installed (pip install it, or run .ci/run)\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    false
 }
