@@ -475,9 +475,10 @@ impl Engine {
     }
 
     /// Claude drops channel messages that arrive before it has registered the channel's
-    /// notification handler, a few ms after MCP initialisation, with no sign on the wire. Until
-    /// a `UserPromptSubmit` hook has shown that a message got through, an unacknowledged
-    /// delivery is sent again; after that, never.
+    /// notification handler. The channel says `ready` only once claude has shown it did (see
+    /// `channel::Registration`), but should that proof ever mislead: until a `UserPromptSubmit`
+    /// hook has shown that a message got through, an unacknowledged delivery is sent again;
+    /// after that, never.
     fn redeliver(&mut self, now: Instant, id: ProcId) {
         let p = self.procs.get_mut(&id).expect("process");
         let (key, bridge) = (p.session.clone(), p.bridge);
