@@ -6,7 +6,7 @@ API in fake_anthropic.py, in an isolated, seeded HOME (as tests/real_claude.rs d
 
 usage: footprint.py --claude PATH [--synthesis PATH] [--mode both|synthesis|headless]
                     [--convs N] [--turns N] [--rounds N] [--env K=V ...] [--conf LINE ...]
-                    [--claude-env K=V ...] [--json]
+                    [--claude-env K=V ...] [--user-settings JSON] [--json]
 
 Figures, each the median over rounds (and conversations):
   rss/pss at ready   sum over /proc/*/smaps_rollup of the claude's session (claude, `synthesis
@@ -75,7 +75,7 @@ def group_memory(leader):
     return rss, pss, parts
 
 
-def seed_home(root):
+def seed_home(root, user_settings=None):
     home, ws = os.path.join(root, "home"), os.path.join(root, "ws")
     for d in (home, ws, os.path.join(root, "state")):
         os.makedirs(d, exist_ok=True)
@@ -90,6 +90,10 @@ def seed_home(root):
     }
     with open(os.path.join(home, ".claude.json"), "w") as f:
         json.dump(cfg, f)
+    if user_settings:
+        os.makedirs(os.path.join(home, ".claude"), exist_ok=True)
+        with open(os.path.join(home, ".claude", "settings.json"), "w") as f:
+            f.write(user_settings)
     return home, os.path.realpath(ws)
 
 
@@ -360,6 +364,7 @@ def main():
     p.add_argument("--env", action="append", help="K=V for synthesis (and so claude)")
     p.add_argument("--claude-env", action="append", help="K=V for every claude")
     p.add_argument("--conf", action="append", help="a synthesis.conf line")
+    p.add_argument("--user-settings", help="JSON for ~/.claude/settings.json of the test HOME")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     args.claude, args.synthesis = os.path.abspath(args.claude), os.path.abspath(args.synthesis)
@@ -370,7 +375,7 @@ def main():
         rounds = []
         for _ in range(args.rounds):
             root = tempfile.mkdtemp(prefix=f"footprint-{mode}-")
-            home, ws = seed_home(root)
+            home, ws = seed_home(root, args.user_settings)
             api = FakeApi(root)
             try:
                 if mode == "synthesis":
