@@ -18,9 +18,29 @@ use crate::wire::mcp;
 const STDIN: Token = Token(0);
 const BRIDGE: Token = Token(1);
 
-/// From `notifications/initialized` to `ready`: claude registers the channel's notification
-/// handler a few ms after it, with no sign on the wire, and drops messages that come earlier.
-const READY_DELAY: Duration = Duration::from_millis(300);
+/// How long after `notifications/initialized` the channel says `ready` when claude never proves
+/// its registration (see `Registration`): later than claude ever took, and logged.
+const READY_FALLBACK: Duration = Duration::from_secs(1);
+
+/// Between two `notifications/tools/list_changed` probes (see `Registration`).
+const PROBE_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Claude drops channel messages that arrive before it has registered the channel's notification
+/// handler. It registers it a few ms after its first `tools/list` is answered, in one synchronous
+/// step that then registers its `notifications/tools/list_changed` handler (Claude Code 2.1.332);
+/// a `list_changed` that comes earlier is ignored, and the first one after that step makes claude
+/// list the tools again at once. So from its first `tools/list` answer on, the channel sends a
+/// `list_changed` every `PROBE_INTERVAL`: claude's next `tools/list` proves the handler is there,
+/// and only then is the channel `ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registration {
+    /// Claude's first `tools/list` is not answered yet.
+    Discovering,
+    /// Answered; probing with `list_changed` until claude's next `tools/list`.
+    Probed,
+    /// `ready` was sent.
+    Ready,
+}
 
 struct Channel {
     poll: Poll,
@@ -31,7 +51,11 @@ struct Channel {
     /// A `tools/list` that arrived before the catalog.
     held_list: Option<Value>,
     initialized: bool,
+    registration: Registration,
+    /// When to say `ready` without proof (`READY_FALLBACK` after `initialized`).
     ready_at: Option<Instant>,
+    /// When to send the next `list_changed` probe.
+    probe_at: Option<Instant>,
     /// Client-tool calls waiting for their result: call_ref → MCP request id.
     pending: HashMap<String, Value>,
     /// `reply` calls waiting for the daemon's `replied`: seq → MCP request id.
@@ -64,7 +88,9 @@ pub fn run() -> Result<(), String> {
         catalog: None,
         held_list: None,
         initialized: false,
+        registration: Registration::Discovering,
         ready_at: None,
+        probe_at: None,
         pending: HashMap::new(),
         replies: HashMap::new(),
         next_seq: 0,
@@ -102,7 +128,7 @@ impl Channel {
         let heartbeat = Duration::from_secs(bridge::HEARTBEAT_SECS);
         let mut next_beat = Instant::now() + heartbeat;
         while !self.done {
-            let wake = self.ready_at.map_or(next_beat, |r| r.min(next_beat));
+            let wake = [self.ready_at, self.probe_at].into_iter().flatten().fold(next_beat, Instant::min);
             match self.poll.poll(&mut events, Some(wake.saturating_duration_since(Instant::now()))) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => r?,
@@ -114,9 +140,14 @@ impl Channel {
                 }
             }
             let now = Instant::now();
+            if self.probe_at.is_some_and(|t| now >= t) {
+                self.probe()?;
+            }
             if self.ready_at.is_some_and(|t| now >= t) {
-                self.ready_at = None;
-                self.send(&FromChannel::Ready);
+                log::warn!(
+                    "channel: claude did not prove its channel registration in {READY_FALLBACK:?}; ready anyway"
+                );
+                self.say_ready();
             }
             if now >= next_beat {
                 self.send(&FromChannel::Heartbeat);
@@ -159,7 +190,9 @@ impl Channel {
             match method {
                 "notifications/initialized" => {
                     self.initialized = true;
-                    self.ready_at = Some(Instant::now() + READY_DELAY);
+                    if self.registration != Registration::Ready {
+                        self.ready_at = Some(Instant::now() + READY_FALLBACK);
+                    }
                 }
                 "notifications/claude/channel/permission_request" => self.send(&FromChannel::PermissionRequest {
                     request_id: field("request_id"),
@@ -180,15 +213,41 @@ impl Channel {
                 self.held_list = Some(id.clone()); // answered when the catalog arrives
                 Ok(())
             }
-            "tools/list" => {
-                write_line(&self.tools_list(id))?;
-                self.send(&FromChannel::ToolsListed);
-                Ok(())
-            }
+            "tools/list" => self.answer_tools_list(id),
             "tools/call" => self.call_tool(id, &params),
             "ping" => write_line(&mcp::response(id, json!({}))),
             // Includes `server/discover`, which must fail for Claude Code to go on to `initialize`.
             _ => write_line(&mcp::error(id, mcp::METHOD_NOT_FOUND, &format!("method not found: {method}"))),
+        }
+    }
+
+    /// Answer `tools/list`; the first answer carries the registration probe, the next
+    /// `tools/list` is its proof (see `Registration`).
+    fn answer_tools_list(&mut self, id: &Value) -> io::Result<()> {
+        write_line(&self.tools_list(id))?;
+        self.send(&FromChannel::ToolsListed);
+        match self.registration {
+            Registration::Discovering => {
+                self.registration = Registration::Probed;
+                self.probe()?;
+            }
+            Registration::Probed => self.say_ready(),
+            Registration::Ready => {}
+        }
+        Ok(())
+    }
+
+    fn probe(&mut self) -> io::Result<()> {
+        self.probe_at = Some(Instant::now() + PROBE_INTERVAL);
+        write_line(&mcp::notification("notifications/tools/list_changed", json!({})))
+    }
+
+    fn say_ready(&mut self) {
+        if self.registration != Registration::Ready {
+            self.registration = Registration::Ready;
+            self.ready_at = None;
+            self.probe_at = None;
+            self.send(&FromChannel::Ready);
         }
     }
 
@@ -261,8 +320,7 @@ impl Channel {
                 let changed = self.catalog.as_ref() != Some(&tools);
                 self.catalog = Some(tools);
                 if let Some(id) = self.held_list.take() {
-                    write_line(&self.tools_list(&id))?;
-                    self.send(&FromChannel::ToolsListed);
+                    self.answer_tools_list(&id)?;
                 } else if changed && self.initialized {
                     write_line(&mcp::notification("notifications/tools/list_changed", json!({})))?;
                 }

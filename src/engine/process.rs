@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::pool::is_spare_key;
-use super::screen::{self, Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_SELECT};
+use super::screen::{self, Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_DELAY, TRUST_SELECT};
 use super::turn::Answer;
 use super::{ConnId, Engine, Output, ProcId, ProcessStatus, Signal, SpawnSpec};
 use crate::wire::bridge::{self, FromChannel, ToChannel};
@@ -127,9 +127,9 @@ impl Process {
         }
     }
 
-    /// Type `keys` after `CONFIRM_DELAY`: the TUI drops keys that arrive before a dialog is drawn.
-    fn type_later(&mut self, now: Instant, keys: &str) {
-        self.confirm_at = Some(now + CONFIRM_DELAY);
+    /// Type `keys` after `delay`: a TUI may drop keys that arrive before a dialog is drawn.
+    fn type_later(&mut self, now: Instant, delay: std::time::Duration, keys: &str) {
+        self.confirm_at = Some(now + delay);
         self.confirm_keys = keys.to_string();
     }
 
@@ -229,7 +229,7 @@ impl Engine {
                 p.session
             );
             p.trust = TrustStep::Answered;
-            p.type_later(now, TRUST_CONFIRM);
+            p.type_later(now, TRUST_DELAY, TRUST_CONFIRM);
         }
         for prompt in prompts {
             match prompt {
@@ -254,7 +254,7 @@ impl Engine {
         let p = self.procs.get_mut(&id).expect("process");
         if !p.dialog_seen {
             p.dialog_seen = true;
-            p.type_later(now, "\r");
+            p.type_later(now, CONFIRM_DELAY, "\r");
         }
     }
 
@@ -265,7 +265,7 @@ impl Engine {
         let p = self.procs.get_mut(&id).expect("process");
         if p.trust == TrustStep::Unanswered {
             p.trust = TrustStep::Selecting;
-            p.type_later(now, TRUST_SELECT);
+            p.type_later(now, TRUST_DELAY, TRUST_SELECT);
         }
     }
 
@@ -487,9 +487,10 @@ impl Engine {
     }
 
     /// Claude drops channel messages that arrive before it has registered the channel's
-    /// notification handler, a few ms after MCP initialisation, with no sign on the wire. Until
-    /// a `UserPromptSubmit` hook has shown that a message got through, an unacknowledged
-    /// delivery is sent again; after that, never.
+    /// notification handler. The channel says `ready` only once claude has shown it did (see
+    /// `channel::Registration`), but should that proof ever mislead: until a `UserPromptSubmit`
+    /// hook has shown that a message got through, an unacknowledged delivery is sent again;
+    /// after that, never.
     fn redeliver(&mut self, now: Instant, id: ProcId) {
         let p = self.procs.get_mut(&id).expect("process");
         let (key, bridge) = (p.session.clone(), p.bridge);

@@ -46,14 +46,17 @@ const MARKERS: &[(&str, Prompt)] = &[
     ("Interrupted", Prompt::Interrupted),
 ];
 
-/// Pause between seeing the development-channels warning and pressing Enter: the real TUI
-/// drops keys that arrive before it has finished drawing the dialog.
-pub const CONFIRM_DELAY: Duration = Duration::from_millis(300);
+/// Pause between seeing the development-channels warning and pressing Enter, in case a TUI drops
+/// keys that arrive before it has finished drawing the dialog. Claude Code 2.1.332 is already in
+/// raw mode when the warning shows and took Enter at once in 50 of 50 spawns (30 of 30 at 50 ms,
+/// two claudes starting together): see docs/claude-footprint.md.
+pub const CONFIRM_DELAY: Duration = Duration::from_millis(50);
 /// How to accept the workspace-trust screen, as Claude Code 2.1.332 draws it ("❯ No, exit" selected,
 /// "Yes, I trust this folder" below, no numbers): arrow down once the screen has been drawn for
-/// `CONFIRM_DELAY` (keys that come earlier move the cursor but Enter then does not confirm), then,
+/// `TRUST_DELAY` (keys that come earlier move the cursor but Enter then does not confirm), then,
 /// once the redraw shows the selection off "No, exit" (`trust_selection`), Enter after
-/// `CONFIRM_DELAY`. Claude records the trust in `~/.claude.json` itself.
+/// `TRUST_DELAY`. Claude records the trust in `~/.claude.json` itself.
+pub const TRUST_DELAY: Duration = Duration::from_millis(300);
 pub const TRUST_SELECT: &str = "\x1b[B";
 pub const TRUST_CONFIRM: &str = "\r";
 

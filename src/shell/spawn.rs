@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
@@ -19,8 +20,19 @@ pub const HOOK_TOKEN_ENV: &str = "SYNTHESIS_HOOK_TOKEN";
 /// In claude's private directory: the `--mcp-config` (with the bridge token) and `--settings` files.
 pub const MCP_CONFIG_FILE: &str = "mcp-config.json";
 pub const SETTINGS_FILE: &str = "settings.json";
+/// The terminal claude gets. Its size changes neither claude's memory nor its start-up
+/// (80×24 and 40×10 measured the same): wide enough that screens synthesis reads stay whole.
 const COLS: u16 = 200;
 const ROWS: u16 = 50;
+
+/// JavaScriptCore settings for claude's Bun runtime, measured to cut an interactive claude's
+/// memory (docs/claude-footprint.md): no optimising (DFG/FTL) JIT, whose compilations leave
+/// ~20 MB behind, and heap sizing as on a 256 MiB machine, so that garbage is collected instead
+/// of kept (~45 MB after 20 turns), for ~0.06 s more CPU per turn. Each is set only where
+/// synthesis's own environment does not set it (an operator's value wins, e.g.
+/// `BUN_JSC_useDFGJIT=1`), and only if claude starts with them: Bun refuses to start on a
+/// `BUN_JSC_` option it does not know, and these are not a stable interface.
+pub const RUNTIME_ENV: [(&str, &str); 2] = [("BUN_JSC_useDFGJIT", "0"), ("BUN_JSC_forceRAMSize", "268435456")];
 
 /// Everything a spawn needs to know about where synthesis runs.
 pub struct Launch<'a> {
@@ -127,6 +139,9 @@ impl Launch<'_> {
         if std::env::var_os("TERM").is_none() {
             cmd.env("TERM", "xterm-256color");
         }
+        if runtime_env_accepted(&self.config.claude_command) {
+            cmd.envs(runtime_env());
+        }
         cmd.stdin(Stdio::from(slave.try_clone()?)).stdout(Stdio::from(slave.try_clone()?)).stderr(Stdio::from(slave));
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: only async-signal-safe calls between fork and exec.
@@ -148,6 +163,31 @@ impl Launch<'_> {
             cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.config.claude_command)))?;
         Ok((child.id(), master))
     }
+}
+
+/// The `RUNTIME_ENV` settings synthesis's own environment leaves unset.
+fn runtime_env() -> impl Iterator<Item = (&'static str, &'static str)> {
+    RUNTIME_ENV.into_iter().filter(|(k, _)| std::env::var_os(k).is_none())
+}
+
+/// Whether `claude --version` runs with `RUNTIME_ENV`; checked once per command (~10 ms).
+fn runtime_env_accepted(claude: &str) -> bool {
+    static CHECKED: Mutex<Vec<(String, bool)>> = Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, ok)) = checked.iter().find(|(c, _)| c == claude) {
+        return *ok;
+    }
+    let out = Command::new(claude).arg("--version").envs(runtime_env()).stdin(Stdio::null()).output();
+    // Only Bun's own refusal counts: a claude that does not run at all fails at spawn, clearly.
+    let refused = out.as_ref().is_ok_and(|o| {
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("invalid JSC environment variable")
+    });
+    if refused {
+        let names: Vec<&str> = runtime_env().map(|(k, _)| k).collect();
+        log::warn!("{claude} does not accept {}: starting it without them (more memory per claude)", names.join(", "));
+    }
+    checked.push((claude.to_string(), !refused));
+    !refused
 }
 
 /// Claude Code's project folder name: the cwd with every non-alphanumeric as `-`.
@@ -238,6 +278,29 @@ mod tests {
         let allowed = format!("mcp__synthesis__* {read}");
         assert!(read.starts_with("Read(//"), "an absolute path in Claude Code's rule syntax: {read}");
         assert_eq!(args[9..], ["--permission-mode", "default", "--allowed-tools", &allowed, "--model", "opus"]);
+    }
+
+    #[test]
+    fn runtime_settings_are_dropped_only_when_bun_refuses_them() {
+        let dir = std::env::temp_dir().join(format!("synthesis-runtime-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = |name: &str, body: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            path.to_string_lossy().into_owned()
+        };
+        let refuses = script(
+            "refuses",
+            "[ -n \"$BUN_JSC_forceRAMSize\" ] && { echo 'error: invalid JSC environment variable' >&2; exit 1; }; echo 2.1",
+        );
+        let broken = script("broken", "echo 'no such thing' >&2; exit 3");
+        let accepts = script("accepts", "echo 2.1");
+        assert!(!runtime_env_accepted(&refuses));
+        assert!(runtime_env_accepted(&broken), "a claude that fails otherwise fails at spawn, with its own error");
+        assert!(runtime_env_accepted(&accepts));
+        assert!(runtime_env_accepted("/nonexistent/claude"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

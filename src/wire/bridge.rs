@@ -32,7 +32,8 @@ pub enum FromChannel {
         v: u32,
         token: String,
     },
-    /// MCP is initialised and claude has had time to register the channel.
+    /// MCP is initialised and claude has shown it registered the channel's notification handler
+    /// (see `channel::Registration`): a message delivered now is not dropped.
     Ready,
     /// Claude called the `reply` tool; the daemon acknowledges `seq` with `replied`.
     Reply {

@@ -18,9 +18,12 @@ assistant messages after it, so multi-step scripts continue across tool results:
              step 1: reply "echo: read <n> image block(s)" (n: image blocks in the Read result)
 Requests without a channel tag (titles, probes) get a short text answer.
 Usage is scripted too, distinct per step (see `usage`), so a test can check the sums synthesis reports.
-Every /v1/messages body is appended to LOGFILE as one JSON line.
+Every /v1/messages body is appended to LOGFILE as one JSON line; with FAKE_ANTHROPIC_TIMES=<path>,
+also its arrival time, size, whether it carries a channel message, and the answer's tool calls and
+stop reason ({"t", "bytes", "channel", "tool_use", "stop"}) to that file.
 """
 import json
+import os
 import re
 import sys
 import threading
@@ -28,6 +31,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LOG = sys.argv[1]
+TIMES = os.environ.get("FAKE_ANTHROPIC_TIMES")
 LOCK = threading.Lock()
 CHANNEL = re.compile(r"<channel([^>]*)>(.*?)</channel>", re.S)
 COUNTER = [0]
@@ -176,9 +180,15 @@ class Handler(BaseHTTPRequestHandler):
         if path != "/v1/messages":
             return self.do_GET()
         body = json.loads(raw)
+        t = time.time()
         with LOCK, open(LOG, "a") as f:
             f.write(json.dumps(body) + "\n")
         blocks, stop, dirs = script(body)
+        if TIMES:
+            step = sum(1 for b in blocks if b["type"] == "tool_use")
+            with LOCK, open(TIMES, "a") as f:
+                f.write(json.dumps({"t": t, "bytes": len(raw), "channel": "<channel" in raw.decode(errors="replace"),
+                                    "tool_use": step, "stop": stop}) + "\n")
         slow = next((int(d[4:]) for d in dirs if re.fullmatch(r"slow\d+", d)), 0)
         if slow and stop == "tool_use" and "reply2" not in dirs:
             time.sleep(slow)
