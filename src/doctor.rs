@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::engine::screen::{self, Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_SELECT};
+use crate::engine::screen::{self, Prompt, Screen, CONFIRM_DELAY, TRUST_CONFIRM, TRUST_DELAY, TRUST_SELECT};
 use crate::engine::SpawnSpec;
 use crate::shell::spawn::{home, Launch};
 use crate::wire::bridge::ToChannel;
@@ -234,7 +234,7 @@ fn watch(master: std::os::fd::OwnedFd, debug: &Path, trust: bool) -> Result<(), 
         if trust_step == 1 && screen::trust_selection(&text) == Some(true) {
             // The selection moved to "Yes, I trust this folder": confirm, as synthesis does.
             trust_step = 2;
-            std::thread::sleep(CONFIRM_DELAY);
+            std::thread::sleep(TRUST_DELAY);
             std::io::Write::write_all(&mut terminal, TRUST_CONFIRM.as_bytes()).map_err(|e| e.to_string())?;
         }
         for prompt in screen.push(&text) {
@@ -246,7 +246,7 @@ fn watch(master: std::os::fd::OwnedFd, debug: &Path, trust: bool) -> Result<(), 
                 Prompt::WorkspaceTrust if trust => {
                     if trust_step == 0 {
                         trust_step = 1;
-                        std::thread::sleep(CONFIRM_DELAY);
+                        std::thread::sleep(TRUST_DELAY);
                         std::io::Write::write_all(&mut terminal, TRUST_SELECT.as_bytes()).map_err(|e| e.to_string())?
                     }
                 }
