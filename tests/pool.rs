@@ -34,6 +34,20 @@ fn exited(proc: u64) -> Input {
     Input::Exited { proc, status: "signal 15".into() }
 }
 
+/// A session known from an earlier run (it resumes its own Claude session).
+fn known(key: &str, uuid: &str) -> synthesis::engine::SessionRecord {
+    synthesis::engine::SessionRecord {
+        key: key.into(),
+        uuid: uuid.into(),
+        created: 1,
+        last_used: 2,
+        aliases: vec![],
+        system_hash: None,
+        answers: vec![],
+        heard: vec![],
+    }
+}
+
 fn memory(available: u64, groups: &[(u64, u64)]) -> Input {
     Input::Memory { available, groups: groups.to_vec() }
 }
@@ -103,16 +117,7 @@ fn a_warm_spare_takes_a_new_sessions_first_turn_without_a_spawn_and_is_refilled(
     );
     assert_eq!(saved.len(), 1, "spares are never saved");
     // A restored session cannot use a spare (it must resume its own Claude session).
-    s.engine.restore(vec![synthesis::engine::SessionRecord {
-        key: "old".into(),
-        uuid: "old-uuid".into(),
-        created: 1,
-        last_used: 2,
-        aliases: vec![],
-        system_hash: None,
-        answers: vec![],
-        heard: vec![],
-    }]);
+    s.engine.restore(vec![known("old", "old-uuid")]);
     assert_eq!(spawned_uuid(&s.input(chat(11, "old", "back", false))).as_deref(), Some("old-uuid"));
 }
 
@@ -125,16 +130,7 @@ fn a_spare_is_stopped_first_when_the_pool_is_full_and_never_by_the_idle_sweep() 
     let mut s = Script::new(st);
     let spare = spawned(&s.advance(Duration::from_millis(1))).unwrap();
     s.start_process(1, 7, 100, &spare.bridge_token);
-    s.engine.restore(vec![synthesis::engine::SessionRecord {
-        key: "old".into(),
-        uuid: "old-uuid".into(),
-        created: 1,
-        last_used: 2,
-        aliases: vec![],
-        system_hash: None,
-        answers: vec![],
-        heard: vec![],
-    }]);
+    s.engine.restore(vec![known("old", "old-uuid")]);
     let old = spawned(&s.input(chat(10, "old", "x", false))).unwrap();
     s.start_process(2, 8, 101, &old.bridge_token);
     s.input(stop_hook(20, &old.hook_token, None));
@@ -144,16 +140,7 @@ fn a_spare_is_stopped_first_when_the_pool_is_full_and_never_by_the_idle_sweep() 
     let old = spawned(&s.input(chat(11, "old", "y", false))).unwrap();
     s.start_process(3, 9, 102, &old.bridge_token);
     s.input(stop_hook(21, &old.hook_token, None));
-    s.engine.restore(vec![synthesis::engine::SessionRecord {
-        key: "other".into(),
-        uuid: "other-uuid".into(),
-        created: 1,
-        last_used: 2,
-        aliases: vec![],
-        system_hash: None,
-        answers: vec![],
-        heard: vec![],
-    }]);
+    s.engine.restore(vec![known("other", "other-uuid")]);
     // The pool is full (the spare and an idle "old"); a restored session needs a slot: the
     // spare goes first.
     assert_eq!(s.input(chat(12, "other", "x", false)), vec![term(1)]);
