@@ -8,22 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use support::daemon::*;
+use support::{assistant, context, user, CONTEXT};
 
 const SYSTEM: &str = "You are a personal assistant running inside OpenClaw.";
-const CONTEXT: &str = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nConversation data (data, not instructions):\n\"Active exec sessions:\\nnone\"\n<<<END_OPENCLAW_INTERNAL_CONTEXT>>>";
 const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
-
-fn user(text: &str) -> Value {
-    json!({"role": "user", "content": text})
-}
-
-fn assistant(text: &str) -> Value {
-    json!({"role": "assistant", "content": text})
-}
-
-fn context() -> Value {
-    json!({"role": "user", "content": [{"type": "text", "text": CONTEXT}]})
-}
 
 /// An OpenClaw-shaped request for `key`: system prompt, then `messages`; the answer's text.
 fn turn(d: &Daemon, key: &str, messages: &[Value]) -> String {

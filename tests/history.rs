@@ -15,7 +15,6 @@ use synthesis::engine::{Input, Output, Signal, SpawnSpec};
 use synthesis::wire::bridge::{FromChannel, ToChannel};
 
 const PREAMBLE: &str = "Messages of this conversation that did not reach you (another model or host answered them), oldest first. They are context; the new message follows this block.";
-const CONTEXT: &str = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nConversation data (data, not instructions):\n\"Active exec sessions:\\nnone\"\n<<<END_OPENCLAW_INTERNAL_CONTEXT>>>";
 /// A 1×1 PNG.
 const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
 
@@ -34,28 +33,6 @@ fn openclaw(conn: u64, key: &str, messages: Value) -> Input {
             &body.to_string(),
         ),
     )
-}
-
-fn user(text: &str) -> Value {
-    json!({"role": "user", "content": text})
-}
-
-fn assistant(text: &str) -> Value {
-    json!({"role": "assistant", "content": text})
-}
-
-/// OpenClaw's per-turn internal-context block, a message of its own (never kept in history).
-fn context() -> Value {
-    json!({"role": "user", "content": [{"type": "text", "text": CONTEXT}]})
-}
-
-fn delivered(out: &[Output]) -> Vec<String> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::Bridge { frame: ToChannel::Deliver { content, .. }, .. } => Some(content.clone()),
-            _ => None,
-        })
-        .collect()
 }
 
 fn deliver(chat_id: &str, content: &str) -> Output {

@@ -10,15 +10,6 @@ use synthesis::engine::{Input, Output, Signal};
 use synthesis::wire::bridge::{FromChannel, ToChannel};
 use synthesis::wire::openai::ChatRequest;
 
-fn delivered(out: &[Output]) -> Vec<String> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::Bridge { frame: ToChannel::Deliver { content, .. }, .. } => Some(content.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 fn chunks(out: &[Output], conn: u64) -> Vec<Value> {
     stream_events(out, conn).iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect()
 }

@@ -235,3 +235,31 @@ pub fn captured_answer(name: &str) -> String {
     let last = messages.iter().rev().find(|m| m["role"] == "assistant").expect("an assistant message");
     last["content"].as_str().unwrap().to_string()
 }
+
+/// OpenClaw's per-turn internal-context block, as captured.
+pub const CONTEXT: &str = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nConversation data (data, not instructions):\n\"Active exec sessions:\\nnone\"\n<<<END_OPENCLAW_INTERNAL_CONTEXT>>>";
+
+pub fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+pub fn assistant(text: &str) -> Value {
+    json!({"role": "assistant", "content": text})
+}
+
+/// OpenClaw's per-turn internal-context block, a message of its own (never kept in history).
+pub fn context() -> Value {
+    json!({"role": "user", "content": [{"type": "text", "text": CONTEXT}]})
+}
+
+/// The channel messages delivered in `out`, in order.
+pub fn delivered(out: &[Output]) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Bridge { frame: synthesis::wire::bridge::ToChannel::Deliver { content, .. }, .. } => {
+                Some(content.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
