@@ -101,16 +101,8 @@ mod tests {
     #[test]
     fn round_trip_with_private_mode() {
         let d = dir("rt");
-        let recs = vec![SessionRecord {
-            key: "k".into(),
-            uuid: "u".into(),
-            created: 1,
-            last_used: 2,
-            aliases: vec![],
-            system_hash: None,
-            answers: vec![],
-            heard: vec![],
-        }];
+        let recs =
+            vec![SessionRecord { key: "k".into(), uuid: "u".into(), created: 1, last_used: 2, ..Default::default() }];
         save(&d, &recs).unwrap();
         assert_eq!(load(&d, 0), recs);
         assert_eq!(fs::metadata(path(&d)).unwrap().permissions().mode() & 0o777, 0o600);
@@ -157,16 +149,8 @@ mod tests {
     fn a_full_disk_is_an_error_not_a_silent_success() {
         let d = dir("full");
         std::os::unix::fs::symlink("/dev/full", path(&d).with_extension("json.tmp")).unwrap();
-        let recs = vec![SessionRecord {
-            key: "k".into(),
-            uuid: "u".into(),
-            created: 1,
-            last_used: 2,
-            aliases: vec![],
-            system_hash: None,
-            answers: vec![],
-            heard: vec![],
-        }];
+        let recs =
+            vec![SessionRecord { key: "k".into(), uuid: "u".into(), created: 1, last_used: 2, ..Default::default() }];
         let err = save(&d, &recs).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     }

@@ -41,10 +41,7 @@ fn known(key: &str, uuid: &str) -> synthesis::engine::SessionRecord {
         uuid: uuid.into(),
         created: 1,
         last_used: 2,
-        aliases: vec![],
-        system_hash: None,
-        answers: vec![],
-        heard: vec![],
+        ..Default::default()
     }
 }
 

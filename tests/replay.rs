@@ -501,10 +501,7 @@ fn a_new_session_is_saved_at_once_and_timestamps_at_the_next_sweep() {
         uuid: UUID1.into(),
         created: 1_790_000_000,
         last_used: 1_790_000_000,
-        aliases: vec![],
-        system_hash: None,
-        answers: vec![],
-        heard: vec![],
+        ..Default::default()
     };
     assert_eq!(s.saved, vec![vec![record.clone()]], "saved before the process even starts");
     s.start_process(1, 7, 100, "t3");
@@ -518,16 +515,8 @@ fn a_new_session_is_saved_at_once_and_timestamps_at_the_next_sweep() {
 #[test]
 fn restored_sessions_resume_their_claude_session() {
     let mut s = Script::new(settings());
-    let record = SessionRecord {
-        key: "a".into(),
-        uuid: "known-uuid".into(),
-        created: 1,
-        last_used: 2,
-        aliases: vec![],
-        system_hash: None,
-        answers: vec![],
-        heard: vec![],
-    };
+    let record =
+        SessionRecord { key: "a".into(), uuid: "known-uuid".into(), created: 1, last_used: 2, ..Default::default() };
     s.engine.restore(vec![record]);
     assert_eq!(s.input(chat(10, "a", "hi again", false)), vec![spawn_of(1, "known-uuid", "t2", "t3")]);
     assert!(s.saved.is_empty(), "a known session needs no immediate save");
@@ -646,20 +635,14 @@ fn sessions_unused_for_30_days_are_forgotten_at_the_sweep() {
         uuid: "u-old".into(),
         created: 0,
         last_used: 1_790_000_000 - 31 * day,
-        aliases: vec![],
-        system_hash: None,
-        answers: vec![],
-        heard: vec![],
+        ..Default::default()
     };
     let recent = SessionRecord {
         key: "recent".into(),
         uuid: "u-new".into(),
         created: 0,
         last_used: 1_790_000_000 - 29 * day,
-        aliases: vec![],
-        system_hash: None,
-        answers: vec![],
-        heard: vec![],
+        ..Default::default()
     };
     s.engine.restore(vec![old, recent]);
     s.input(chat(10, "a", "hi", false)); // tells the engine what time it is

@@ -195,7 +195,7 @@ pub enum Output {
 }
 
 /// One entry of the persisted session map.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub key: String,
     pub uuid: String,
