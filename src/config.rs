@@ -238,10 +238,15 @@ impl Config {
             Some(p) => std::fs::read_to_string(p).map_err(|e| format!("cannot read {p}: {e}"))?,
             None => String::new(),
         };
-        Config::parse(&text, |k| std::env::var(k).ok()).map_err(|e| match path {
+        let mut config = Config::parse(&text, |k| std::env::var(k).ok()).map_err(|e| match path {
             Some(p) => format!("{p}: {e}"),
             None => e,
-        })
+        })?;
+        // claude runs in the workspace and reads its files from the state dir (MCP config,
+        // settings, attachments): a relative path would point into the workspace.
+        config.state_dir = std::path::absolute(&config.state_dir)
+            .map_err(|e| format!("state_dir {}: {e}", config.state_dir.display()))?;
+        Ok(config)
     }
 
     /// The workspace as an absolute path, created if it is missing (a new folder: claude will

@@ -406,3 +406,14 @@ fn idle_keep_alive_connections_are_closed_but_never_a_turn_in_progress() {
     let r = d.client().chat("a", "sleep 1", false);
     assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: sleep 1");
 }
+
+#[test]
+fn a_relative_state_dir_works_though_claude_runs_in_the_workspace() {
+    // The documented default is `state_dir = state`: claude (cwd = workspace) must still find the
+    // MCP config and settings files synthesis writes there.
+    let d = Daemon::start("relstate", "state_dir = state", &[]);
+    let r = d.client().chat("a", "hello", false);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: hello");
+    assert!(d.dir.join("state/sessions.json").exists(), "the state dir is next to the config's cwd");
+}

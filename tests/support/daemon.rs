@@ -55,19 +55,20 @@ impl Daemon {
     pub fn launch_bin(dir: PathBuf, bin: &Path, claude: &Path, extra: &str, env: &[(&str, &str)]) -> Daemon {
         // Any port, and no warm spare (most tests count the claudes they cause), unless the test
         // says otherwise in `extra`.
-        let defaults: String = [("listen", "127.0.0.1:0"), ("spare_processes", "0")]
+        let state = dir.join("state").display().to_string();
+        let defaults: String = [("listen", "127.0.0.1:0"), ("spare_processes", "0"), ("state_dir", state.as_str())]
             .iter()
             .filter(|(key, _)| !extra.contains(key))
             .map(|(key, value)| format!("{key} = {value}\n"))
             .collect();
         let conf = format!(
-            "{defaults}api_key = {API_KEY}\nstate_dir = {}\nworkspace = {}\nclaude_command = {}\n{extra}\n",
-            dir.join("state").display(),
+            "{defaults}api_key = {API_KEY}\nworkspace = {}\nclaude_command = {}\n{extra}\n",
             dir.join("ws").display(),
             claude.display()
         );
         std::fs::write(dir.join("synthesis.conf"), conf).unwrap();
         let mut child = Command::new(bin)
+            .current_dir(&dir) // where relative paths of the config point
             .args(["--config", dir.join("synthesis.conf").to_str().unwrap()])
             .env("HOME", dir.join("home"))
             .env("RUST_LOG", "info")
