@@ -96,6 +96,7 @@ impl Engine {
 
     fn status(&self, now: Instant) -> StatusReport {
         let mut sessions: Vec<SessionStatus> = self
+            .st
             .sessions
             .values()
             .filter(|s| !is_spare_key(&s.key))
@@ -110,15 +111,15 @@ impl Engine {
             })
             .collect();
         sessions.sort_by(|a, b| a.key.cmp(&b.key));
-        let busy = |p: &ProcessStatus| self.sessions.get(&p.session).is_some_and(|s| !s.is_idle());
-        let mut processes: Vec<ProcessStatus> = self.procs.iter().map(|(id, p)| p.status(*id, now)).collect();
+        let busy = |p: &ProcessStatus| self.st.sessions.get(&p.session).is_some_and(|s| !s.is_idle());
+        let mut processes: Vec<ProcessStatus> = self.st.procs.iter().map(|(id, p)| p.status(*id, now)).collect();
         for p in processes.iter_mut().filter(|p| busy(p)) {
             p.idle_secs = 0; // a turn is in flight or queued
         }
         processes.sort_by_key(|p| p.id);
         StatusReport {
             shutting_down: self.shutting_down(),
-            save_error: self.save_error.clone(),
+            save_error: self.st.save_error.clone(),
             memory_available: None,
             min_free_memory: self.settings.min_free_memory,
             sessions,
@@ -164,7 +165,7 @@ impl Engine {
 
     /// Turn end: `last` is `last_assistant_message` (Stop) or the API error (StopFailure).
     fn on_stop(&mut self, now: Instant, id: ProcId, last: Result<String, String>) {
-        let p = self.procs.get_mut(&id).expect("process of hook token");
+        let p = self.st.procs.get_mut(&id).expect("process of hook token");
         let key = p.session.clone();
         if p.settle_until.take().is_some() {
             // The interrupted turn ended after all; the process is free again.
@@ -172,7 +173,7 @@ impl Engine {
             self.deliver_next(now, &key);
             return;
         }
-        let Some(turn) = self.sessions.get(&key).and_then(|s| s.current.as_ref()) else {
+        let Some(turn) = self.st.sessions.get(&key).and_then(|s| s.current.as_ref()) else {
             log::info!("session {key}: Stop hook with no turn in flight");
             return;
         };

@@ -76,17 +76,17 @@ pub struct Stats {
 impl Engine {
     /// Whether the bridge connection `conn` is bound to a process (its `hello` was accepted).
     pub fn bridge_bound(&self, conn: super::ConnId) -> bool {
-        self.bridges.contains_key(&conn)
+        self.st.bridges.contains_key(&conn)
     }
 
     pub fn stats(&self) -> Stats {
-        let sessions = self.sessions.values();
+        let sessions = self.st.sessions.values();
         Stats {
-            sessions: self.sessions.len(),
-            processes: self.procs.len(),
-            waiting: self.waiting.len(),
-            bridges: self.bridges.len(),
-            slot_waiters: self.slot_waiters.len(),
+            sessions: self.st.sessions.len(),
+            processes: self.st.procs.len(),
+            waiting: self.st.waiting.len(),
+            bridges: self.st.bridges.len(),
+            slot_waiters: self.st.slot_waiters.len(),
             queued: sessions.clone().map(|s| s.queue.len()).sum(),
             aliases: sessions.clone().map(|s| s.aliases.len()).sum(),
             recent_answers: sessions.clone().map(|s| s.recent.len()).sum(),

@@ -213,30 +213,30 @@ impl MetricsReport {
 impl Engine {
     pub(super) fn metrics_report(&self) -> MetricsReport {
         let mut processes = BTreeMap::new();
-        for p in self.procs.values() {
+        for p in self.st.procs.values() {
             let state = match p.state {
                 ProcState::Starting => "starting",
-                ProcState::Ready if self.sessions.get(&p.session).is_some_and(|s| !s.is_idle()) => "busy",
+                ProcState::Ready if self.st.sessions.get(&p.session).is_some_and(|s| !s.is_idle()) => "busy",
                 ProcState::Ready => "idle",
                 ProcState::Stopping => "stopping",
             };
             *processes.entry(state.to_string()).or_insert(0) += 1;
         }
         MetricsReport {
-            metrics: self.metrics.clone(),
+            metrics: self.st.metrics.clone(),
             processes,
-            sessions: self.sessions.len() as u64,
-            claude_pids: self.procs.values().filter_map(|p| p.pid).collect(),
-            save_failing: self.save_error.is_some(),
+            sessions: self.st.sessions.len() as u64,
+            claude_pids: self.st.procs.values().filter_map(|p| p.pid).collect(),
+            save_failing: self.st.save_error.is_some(),
             shutting_down: self.shutting_down(),
         }
     }
 
     /// A turn ended (answered, failed, or dropped): count it, and time it if it reached Claude.
     pub(super) fn count_turn(&mut self, now: Instant, turn: &Turn, outcome: &str) {
-        *self.metrics.turns.entry(outcome.to_string()).or_insert(0) += 1;
+        *self.st.metrics.turns.entry(outcome.to_string()).or_insert(0) += 1;
         if let Some(t) = turn.delivered {
-            self.metrics.turn_duration.observe(now.saturating_duration_since(t));
+            self.st.metrics.turn_duration.observe(now.saturating_duration_since(t));
         }
     }
 }

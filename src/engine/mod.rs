@@ -351,28 +351,6 @@ impl Settings {
 /// upgrade hands to the new image (`Engine::export` / `Engine::import`).
 #[derive(Serialize, Deserialize)]
 struct State {
-    sessions: BTreeMap<String, Session>,
-    procs: BTreeMap<ProcId, Process>,
-    next_proc: ProcId,
-    waiting: BTreeMap<ConnId, String>,
-    bridges: BTreeMap<ConnId, ProcId>,
-    slot_waiters: VecDeque<String>,
-    #[serde(with = "clock::at")]
-    next_sweep: Instant,
-    shutdown: Shutdown,
-    sessions_dirty: bool,
-    save_error: Option<String>,
-    unix_secs: u64,
-    memory: Option<pool::Memory>,
-    #[serde(with = "clock::opt")]
-    spare_at: Option<Instant>,
-    #[serde(default)]
-    metrics: Metrics,
-}
-
-pub struct Engine {
-    settings: Settings,
-    ids: Box<dyn Ids>,
     // Ordered maps: iteration order decides output order, and replay must reproduce it.
     sessions: BTreeMap<String, Session>,
     procs: BTreeMap<ProcId, Process>,
@@ -383,106 +361,76 @@ pub struct Engine {
     bridges: BTreeMap<ConnId, ProcId>,
     /// Sessions waiting for a process slot to free up, oldest first.
     slot_waiters: VecDeque<String>,
+    #[serde(with = "clock::at")]
     next_sweep: Instant,
     shutdown: Shutdown,
     /// Session timestamps changed since the map was last saved.
     sessions_dirty: bool,
     /// The last save failed (full disk, read-only state_dir): the map stays dirty.
     save_error: Option<String>,
+    /// Newest wall-clock time seen (unix seconds, from requests): the engine has no clock.
+    unix_secs: u64,
     /// The latest memory reading (`Input::Memory`).
     memory: Option<pool::Memory>,
     /// When to start missing spares.
+    #[serde(with = "clock::opt")]
     spare_at: Option<Instant>,
-    /// Newest wall-clock time seen (unix seconds, from requests): the engine has no clock.
-    unix_secs: u64,
+    #[serde(default)]
     metrics: Metrics,
+}
+
+pub struct Engine {
+    settings: Settings,
+    ids: Box<dyn Ids>,
+    st: State,
     outputs: VecDeque<Output>,
 }
 
 impl Engine {
     pub fn new(settings: Settings, ids: Box<dyn Ids>, now: Instant) -> Self {
-        Engine {
-            next_sweep: now + settings.idle_sweep,
-            settings,
-            ids,
+        let st = State {
             sessions: BTreeMap::new(),
             procs: BTreeMap::new(),
             next_proc: 1,
             waiting: BTreeMap::new(),
             bridges: BTreeMap::new(),
             slot_waiters: VecDeque::new(),
+            next_sweep: now + settings.idle_sweep,
             shutdown: Shutdown::Running,
             sessions_dirty: false,
             save_error: None,
+            unix_secs: 0,
             memory: None,
             spare_at: Some(now),
-            unix_secs: 0,
             metrics: Metrics::default(),
-            outputs: VecDeque::new(),
-        }
+        };
+        Engine { settings, ids, st, outputs: VecDeque::new() }
     }
 
     /// The whole state as JSON, deadlines relative to `now`, for `import` in a new image. The
     /// engine is unchanged (if the hand-over fails, it simply goes on).
-    pub fn export(&mut self, now: Instant) -> String {
-        let state = State {
-            sessions: std::mem::take(&mut self.sessions),
-            procs: std::mem::take(&mut self.procs),
-            next_proc: self.next_proc,
-            waiting: std::mem::take(&mut self.waiting),
-            bridges: std::mem::take(&mut self.bridges),
-            slot_waiters: std::mem::take(&mut self.slot_waiters),
-            next_sweep: self.next_sweep,
-            shutdown: self.shutdown,
-            sessions_dirty: self.sessions_dirty,
-            save_error: self.save_error.clone(),
-            unix_secs: self.unix_secs,
-            memory: self.memory.take(),
-            spare_at: self.spare_at,
-            metrics: std::mem::take(&mut self.metrics),
-        };
-        let json = clock::with_base(now, || serde_json::to_string(&state)).expect("engine state serialises");
-        self.put_back(state);
-        json
+    pub fn export(&self, now: Instant) -> String {
+        clock::with_base(now, || serde_json::to_string(&self.st)).expect("engine state serialises")
     }
 
     /// An engine continuing from `export`ed state, with (possibly new) settings.
     pub fn import(settings: Settings, ids: Box<dyn Ids>, now: Instant, json: &str) -> Result<Self, String> {
-        let state: State = clock::with_base(now, || serde_json::from_str(json))
+        let st: State = clock::with_base(now, || serde_json::from_str(json))
             .map_err(|e| format!("unreadable engine state: {e}"))?;
-        let mut engine = Engine::new(settings, ids, now);
-        engine.put_back(state);
-        Ok(engine)
-    }
-
-    fn put_back(&mut self, state: State) {
-        self.sessions = state.sessions;
-        self.procs = state.procs;
-        self.next_proc = state.next_proc;
-        self.waiting = state.waiting;
-        self.bridges = state.bridges;
-        self.slot_waiters = state.slot_waiters;
-        self.next_sweep = state.next_sweep;
-        self.shutdown = state.shutdown;
-        self.sessions_dirty = state.sessions_dirty;
-        self.save_error = state.save_error;
-        self.unix_secs = state.unix_secs;
-        self.memory = state.memory;
-        self.spare_at = state.spare_at;
-        self.metrics = state.metrics;
+        Ok(Engine { settings, ids, st, outputs: VecDeque::new() })
     }
 
     /// Sessions known from an earlier run: their next process resumes their Claude session.
     pub fn restore(&mut self, records: Vec<SessionRecord>) {
         for r in records {
-            self.sessions.insert(r.key.clone(), Session::restored(r));
+            self.st.sessions.insert(r.key.clone(), Session::restored(r));
         }
     }
 
     pub fn handle(&mut self, now: Instant, input: Input) {
         match input {
             Input::Http { conn, request, unix_secs } => {
-                self.unix_secs = self.unix_secs.max(unix_secs);
+                self.st.unix_secs = self.st.unix_secs.max(unix_secs);
                 self.on_http(now, conn, request, unix_secs)
             }
             Input::ConnClosed { conn } => self.on_conn_closed(now, conn),
@@ -506,26 +454,26 @@ impl Engine {
 
     /// The earliest deadline: ready, stop grace, settle, turn, idle sweep or shutdown.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let procs = self.procs.values().filter_map(Process::deadline);
-        let turns = self.sessions.values().filter_map(Session::deadline);
-        let own = match self.shutdown {
-            Shutdown::Running => Some(self.next_sweep),
+        let procs = self.st.procs.values().filter_map(Process::deadline);
+        let turns = self.st.sessions.values().filter_map(Session::deadline);
+        let own = match self.st.shutdown {
+            Shutdown::Running => Some(self.st.next_sweep),
             Shutdown::Draining(deadline) => Some(deadline),
             Shutdown::Stopping => None,
         };
-        procs.chain(turns).chain(own).chain(self.spare_at).min()
+        procs.chain(turns).chain(own).chain(self.st.spare_at).min()
     }
 
     fn on_tick(&mut self, now: Instant) {
         self.expire_processes(now);
         self.expire_turns(now);
         self.refill_spares(now);
-        match self.shutdown {
-            Shutdown::Running if now >= self.next_sweep => {
+        match self.st.shutdown {
+            Shutdown::Running if now >= self.st.next_sweep => {
                 self.sweep_idle(now);
                 self.forget_old_sessions();
                 self.save_sessions_if_dirty();
-                self.next_sweep = now + self.settings.idle_sweep;
+                self.st.next_sweep = now + self.settings.idle_sweep;
             }
             Shutdown::Draining(deadline) if now >= deadline => self.stop_everything(now),
             _ => {}
@@ -533,31 +481,31 @@ impl Engine {
     }
 
     fn on_shutdown(&mut self, now: Instant) {
-        if let Shutdown::Draining(_) = self.shutdown {
+        if let Shutdown::Draining(_) = self.st.shutdown {
             log::warn!("second shutdown signal: stopping every claude now");
             self.stop_everything(now);
             return;
         }
-        if self.shutdown != Shutdown::Running {
+        if self.st.shutdown != Shutdown::Running {
             return;
         }
-        log::info!("shutting down: {} sessions, {} processes", self.sessions.len(), self.procs.len());
-        self.shutdown = Shutdown::Draining(now + self.settings.shutdown_grace);
+        log::info!("shutting down: {} sessions, {} processes", self.st.sessions.len(), self.st.procs.len());
+        self.st.shutdown = Shutdown::Draining(now + self.settings.shutdown_grace);
         self.fail_all_queued(now);
         self.maybe_finish_shutdown(now);
     }
 
     /// While draining, once no turn is in flight, stop every process.
     fn maybe_finish_shutdown(&mut self, now: Instant) {
-        if matches!(self.shutdown, Shutdown::Draining(_)) && self.sessions.values().all(|s| s.current.is_none()) {
+        if matches!(self.st.shutdown, Shutdown::Draining(_)) && self.st.sessions.values().all(|s| s.current.is_none()) {
             self.stop_everything(now);
         }
     }
 
     /// Stop every process (turns still in flight fail); exit once none is left.
     fn stop_everything(&mut self, now: Instant) {
-        self.shutdown = Shutdown::Stopping;
-        let ids: Vec<ProcId> = self.procs.keys().copied().collect();
+        self.st.shutdown = Shutdown::Stopping;
+        let ids: Vec<ProcId> = self.st.procs.keys().copied().collect();
         for id in ids {
             self.stop_process(now, id, "synthesis is shutting down");
         }
@@ -565,7 +513,7 @@ impl Engine {
     }
 
     fn maybe_exit(&mut self) {
-        if self.shutdown == Shutdown::Stopping && self.procs.is_empty() {
+        if self.st.shutdown == Shutdown::Stopping && self.st.procs.is_empty() {
             self.save_sessions_if_dirty();
             self.push(Output::Exit);
         }
@@ -574,10 +522,10 @@ impl Engine {
     /// Drop sessions unused for `SESSION_RETENTION` (Claude Code deletes transcripts after 30 days
     /// by default, so there would be nothing left to resume), so the map does not grow forever.
     fn forget_old_sessions(&mut self) {
-        let cutoff = self.unix_secs.saturating_sub(SESSION_RETENTION.as_secs());
-        let before = self.sessions.len();
+        let cutoff = self.st.unix_secs.saturating_sub(SESSION_RETENTION.as_secs());
+        let before = self.st.sessions.len();
         let mut forgotten = Vec::new();
-        self.sessions.retain(|key, s| {
+        self.st.sessions.retain(|key, s| {
             let keep = s.proc.is_some() || !s.is_idle() || s.wants_slot || s.last_used >= cutoff;
             if !keep {
                 forgotten.push(attachments::session_dir(&self.settings.attachments_dir, key));
@@ -587,21 +535,21 @@ impl Engine {
         for dir in forgotten {
             self.push(Output::RemoveAttachments { dir });
         }
-        if self.sessions.len() < before {
+        if self.st.sessions.len() < before {
             log::info!(
                 "forgot {} sessions unused for {} days",
-                before - self.sessions.len(),
+                before - self.st.sessions.len(),
                 SESSION_RETENTION.as_secs() / 86400
             );
-            self.sessions_dirty = true;
+            self.st.sessions_dirty = true;
         }
     }
 
     fn save_sessions(&mut self) {
         let mut sessions: Vec<SessionRecord> =
-            self.sessions.values().filter(|s| !s.ephemeral).map(Session::record).collect();
+            self.st.sessions.values().filter(|s| !s.ephemeral).map(Session::record).collect();
         sessions.sort_by(|a, b| a.key.cmp(&b.key));
-        self.sessions_dirty = false;
+        self.st.sessions_dirty = false;
         self.push(Output::SaveSessions { sessions });
     }
 
@@ -609,15 +557,15 @@ impl Engine {
     /// silently, and `/status` says why.
     fn on_saved(&mut self, error: Option<String>) {
         if error.is_some() {
-            self.sessions_dirty = true;
-        } else if self.save_error.is_some() {
+            self.st.sessions_dirty = true;
+        } else if self.st.save_error.is_some() {
             log::info!("the session map is saved again");
         }
-        self.save_error = error;
+        self.st.save_error = error;
     }
 
     fn save_sessions_if_dirty(&mut self) {
-        if self.sessions_dirty {
+        if self.st.sessions_dirty {
             self.save_sessions();
         }
     }
@@ -634,12 +582,12 @@ impl Engine {
 
     /// The process bound to a bridge connection.
     pub fn process_of_bridge(&self, conn: ConnId) -> Option<ProcId> {
-        self.bridges.get(&conn).copied()
+        self.st.bridges.get(&conn).copied()
     }
 
     /// Draining or stopping after SIGTERM/SIGINT.
     pub fn shutting_down(&self) -> bool {
-        self.shutdown != Shutdown::Running
+        self.st.shutdown != Shutdown::Running
     }
 }
 

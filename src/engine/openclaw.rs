@@ -73,11 +73,11 @@ impl Engine {
             Found::New(_) => None,
         };
         if let Some(key) = &existing {
-            self.sessions.get_mut(key).expect("session").tools = self.offered_tools(req);
+            self.st.sessions.get_mut(key).expect("session").tools = self.offered_tools(req);
             let Some(back) = self.continue_with_verdict(now, key, req, l) else { return Ok(()) };
             let Some(back) = self.continue_with_tool_result(now, key, req, back) else { return Ok(()) };
             let Err(back) = self.attach(now, key, fingerprint, back) else { return Ok(()) };
-            if let Some((text, usage)) = self.sessions[key].recent_answer(fingerprint, now) {
+            if let Some((text, usage)) = self.st.sessions[key].recent_answer(fingerprint, now) {
                 log::info!("session {key}: identical request answered again from the finished turn");
                 let mut turn = Turn::new(fingerprint, Parts::default());
                 turn.usage = usage; // what the answer cost, reported to the client that gets it
@@ -101,7 +101,7 @@ impl Engine {
             ));
         }
         let files = std::mem::take(&mut render.files);
-        let reading = match existing.as_ref().and_then(|k| self.sessions.get(k)).filter(|s| !s.ephemeral) {
+        let reading = match existing.as_ref().and_then(|k| self.st.sessions.get(k)).filter(|s| !s.ephemeral) {
             Some(s) => history::reconcile(&req.messages, &s.answers, &s.heard, compacted(req), &mut render),
             None => Reading::Continues(Missed::default()),
         };
@@ -110,18 +110,18 @@ impl Engine {
             Found::Known(key) => (key, false),
             Found::Continues { earlier } => {
                 log::info!("session {earlier}: continues as {key} after a compaction");
-                super::bounds::add_alias(&mut self.sessions.get_mut(&earlier).expect("session").aliases, &key);
+                super::bounds::add_alias(&mut self.st.sessions.get_mut(&earlier).expect("session").aliases, &key);
                 (earlier, true)
             }
             Found::New(key) => {
                 self.create_session(&key, req, uuid.expect("drawn for a new session"), unix_secs);
-                let ephemeral = self.sessions[&key].ephemeral;
+                let ephemeral = self.st.sessions[&key].ephemeral;
                 (key, !ephemeral)
             }
         };
         let missed = match reading {
             Reading::Continues(missed) => missed,
-            Reading::Rewritten if self.sessions[&key].is_idle() => {
+            Reading::Rewritten if self.st.sessions[&key].is_idle() => {
                 self.restart_claude_session(now, &key);
                 save = true;
                 Missed::default()
@@ -154,7 +154,7 @@ impl Engine {
             }
             Err(e) => {
                 if existing.is_none() {
-                    self.sessions.remove(&key);
+                    self.st.sessions.remove(&key);
                 }
                 Err(e)
             }
@@ -171,7 +171,7 @@ impl Engine {
         if is_compaction(req) {
             let key = format!("compaction:{key}");
             // A fresh Claude session each time, unless one is still at work on this key.
-            return match self.sessions.get(&key) {
+            return match self.st.sessions.get(&key) {
                 Some(s) if !(s.is_idle() && s.proc.is_none()) => Found::Known(key),
                 _ => Found::New(key),
             };
@@ -188,6 +188,7 @@ impl Engine {
     fn create_session(&mut self, key: &str, req: &ChatRequest, uuid: String, unix_secs: u64) {
         if key.starts_with("compaction:") && is_compaction(req) {
             let s = self
+                .st
                 .sessions
                 .entry(key.to_string())
                 .or_insert_with(|| Session::new(key.to_string(), uuid.clone(), unix_secs));
@@ -196,16 +197,16 @@ impl Engine {
             s.claude_fresh = true;
         } else {
             log::info!("session {key}: new, claude session {uuid}");
-            self.sessions.insert(key.to_string(), Session::new(key.to_string(), uuid, unix_secs));
+            self.st.sessions.insert(key.to_string(), Session::new(key.to_string(), uuid, unix_secs));
         }
-        self.sessions.get_mut(key).expect("session").tools = self.offered_tools(req);
+        self.st.sessions.get_mut(key).expect("session").tools = self.offered_tools(req);
     }
 
     /// The client's history no longer holds any answer of the session's Claude session (it was
     /// edited, rewound or branched): a new Claude session takes over, seeded with that history.
     fn restart_claude_session(&mut self, now: Instant, key: &str) {
         let uuid = self.ids.uuid();
-        let s = self.sessions.get_mut(key).expect("session");
+        let s = self.st.sessions.get_mut(key).expect("session");
         log::info!(
             "session {key}: none of claude session {}'s answers is in the client's history any more (edited, rewound or branched); starting claude session {uuid} with that history",
             s.uuid
@@ -222,32 +223,33 @@ impl Engine {
 
     /// Claude took `print` in (a tool result) during a turn.
     pub(super) fn heard(&mut self, key: &str, print: u64) {
-        if let Some(s) = self.sessions.get_mut(key) {
+        if let Some(s) = self.st.sessions.get_mut(key) {
             history::remember(&mut s.heard, print, history::HEARD_KEPT);
         }
     }
 
     /// An answer of the session's Claude session reached a client: its place in the conversation.
     pub(super) fn remember_answer(&mut self, key: &str, print: u64) {
-        if let Some(s) = self.sessions.get_mut(key) {
+        if let Some(s) = self.st.sessions.get_mut(key) {
             history::remember(&mut s.answers, print, history::ANSWERS_KEPT);
             s.heard.clear();
-            self.sessions_dirty = true;
+            self.st.sessions_dirty = true;
         }
     }
 
     /// The session named `key`, directly or as an alias.
     fn session_key_of(&self, key: &str) -> Option<String> {
-        if self.sessions.contains_key(key) {
+        if self.st.sessions.contains_key(key) {
             return Some(key.to_string());
         }
-        self.sessions.values().find(|s| s.aliases.iter().any(|a| a == key)).map(|s| s.key.clone())
+        self.st.sessions.values().find(|s| s.aliases.iter().any(|a| a == key)).map(|s| s.key.clone())
     }
 
     /// The session of the highest generation of `base` below `n`. `n` comes from the client
     /// (up to 2^64-1): look through the keys there are, never count down from it.
     fn latest_generation(&self, base: &str, n: u64) -> Option<String> {
-        let names = self.sessions.values().flat_map(|s| std::iter::once(&s.key).chain(&s.aliases).map(move |k| (k, s)));
+        let names =
+            self.st.sessions.values().flat_map(|s| std::iter::once(&s.key).chain(&s.aliases).map(move |k| (k, s)));
         names
             .filter_map(|(k, s)| generation(k).filter(|(b, g)| *b == base && *g < n).map(|(_, g)| (g, &s.key)))
             .max_by_key(|(g, _)| *g)
@@ -257,7 +259,7 @@ impl Engine {
     /// Attach `l` to the in-flight or queued turn of an identical request (a client retry),
     /// so the message reaches Claude once and both requests get the answer.
     fn attach(&mut self, now: Instant, key: &str, fingerprint: u64, l: Listener) -> Result<(), Listener> {
-        let session = self.sessions.get_mut(key).expect("session");
+        let session = self.st.sessions.get_mut(key).expect("session");
         let in_flight = session.current.as_ref().is_some_and(|t| t.fingerprint == fingerprint);
         let queued = session.queue.iter().position(|t| t.fingerprint == fingerprint).filter(|_| !in_flight);
         let mut turn = match queued {
@@ -267,7 +269,7 @@ impl Engine {
         };
         log::info!("session {key}: identical request attached to {}", turn.chat_id);
         self.listen(now, key, &mut turn, l);
-        let session = self.sessions.get_mut(key).expect("session");
+        let session = self.st.sessions.get_mut(key).expect("session");
         match queued {
             Some(i) => session.queue.insert(i, turn),
             None => session.current = Some(turn),

@@ -65,7 +65,8 @@ impl Engine {
         req: &ChatRequest,
         l: Listener,
     ) -> Option<Listener> {
-        let Some(id) = self.sessions.get(key).and_then(|s| s.current.as_ref()).and_then(|t| t.asked_permission.clone())
+        let Some(id) =
+            self.st.sessions.get(key).and_then(|s| s.current.as_ref()).and_then(|t| t.asked_permission.clone())
         else {
             return Some(l);
         };
@@ -79,7 +80,7 @@ impl Engine {
             }
             _ => {
                 log::info!("session {key}: permission {id} unanswered, the user moved on: denied");
-                self.sessions.get_mut(key)?.current.as_mut()?.asked_permission = None;
+                self.st.sessions.get_mut(key)?.current.as_mut()?.asked_permission = None;
                 self.verdict(key, id, "deny");
                 return Some(l);
             }

@@ -47,70 +47,70 @@ pub fn is_spare_key(key: &str) -> bool {
 impl Engine {
     /// What one more claude will take: the largest one measured, else an estimate.
     fn claude_size(&self) -> u64 {
-        self.memory.as_ref().and_then(|m| m.groups.values().max().copied()).unwrap_or(CLAUDE_ESTIMATE)
+        self.st.memory.as_ref().and_then(|m| m.groups.values().max().copied()).unwrap_or(CLAUDE_ESTIMATE)
     }
 
     /// Room for one more claude: a slot under `max_processes` and memory above the floor.
     fn has_room(&self) -> bool {
-        self.procs.len() < self.settings.max_processes && self.memory_allows_one_more()
+        self.st.procs.len() < self.settings.max_processes && self.memory_allows_one_more()
     }
 
     fn memory_allows_one_more(&self) -> bool {
         let floor = self.settings.min_free_memory;
         let size = self.claude_size();
-        floor == 0 || self.memory.as_ref().is_none_or(|m| m.predicted(size) >= floor + size)
+        floor == 0 || self.st.memory.as_ref().is_none_or(|m| m.predicted(size) >= floor + size)
     }
 
     /// Processes told to stop and not yet reaped: slots (and memory) on their way back.
     fn freeing(&self) -> usize {
-        self.procs.values().filter(|p| p.state == ProcState::Stopping).count()
+        self.st.procs.values().filter(|p| p.state == ProcState::Stopping).count()
     }
 
     /// Resident bytes of a claude at the last reading (0 before it was measured).
     fn weight(&self, id: ProcId) -> u64 {
-        self.memory.as_ref().and_then(|m| m.groups.get(&id).copied()).unwrap_or(0)
+        self.st.memory.as_ref().and_then(|m| m.groups.get(&id).copied()).unwrap_or(0)
     }
 
     /// Whether `n` waiting sessions will have room once the stopping claudes, plus `extra`
     /// more (and their `extra_bytes`), are gone.
     fn room_for(&self, n: usize, extra: usize, extra_bytes: u64) -> bool {
-        let slots = self.procs.len() - self.freeing() - extra + n <= self.settings.max_processes;
+        let slots = self.st.procs.len() - self.freeing() - extra + n <= self.settings.max_processes;
         let floor = self.settings.min_free_memory;
-        let Some(m) = self.memory.as_ref().filter(|_| floor > 0) else { return slots };
+        let Some(m) = self.st.memory.as_ref().filter(|_| floor > 0) else { return slots };
         let size = self.claude_size();
         let stopping: u64 =
-            self.procs.iter().filter(|(_, p)| p.state == ProcState::Stopping).map(|(id, _)| self.weight(*id)).sum();
+            self.st.procs.iter().filter(|(_, p)| p.state == ProcState::Stopping).map(|(id, _)| self.weight(*id)).sum();
         slots && m.predicted(size) + stopping + extra_bytes >= floor + size * n as u64
     }
 
     /// Make sure the session has a process, or a place in the queue for the next free slot.
     pub(super) fn ensure_process(&mut self, now: Instant, key: &str) -> Result<(), ApiError> {
         let live = |e: &Engine| {
-            let s = &e.sessions[key];
-            s.proc.is_some_and(|p| e.procs.get(&p).is_some_and(|p| p.state != ProcState::Stopping))
+            let s = &e.st.sessions[key];
+            s.proc.is_some_and(|p| e.st.procs.get(&p).is_some_and(|p| p.state != ProcState::Stopping))
         };
-        if live(self) || self.sessions[key].wants_slot {
+        if live(self) || self.st.sessions[key].wants_slot {
             return Ok(());
         }
-        let s = &self.sessions[key];
+        let s = &self.st.sessions[key];
         if s.proc.is_none() && s.claude_fresh && self.take_spare(now, key) {
             self.refill_spares(now);
             return Ok(());
         }
-        self.sessions.get_mut(key).expect("session").wants_slot = true;
-        self.slot_waiters.push_back(key.to_string());
+        self.st.sessions.get_mut(key).expect("session").wants_slot = true;
+        self.st.slot_waiters.push_back(key.to_string());
         self.rebalance(now);
         // Refused by `rebalance` (no room can come for it) unless started or still in line.
-        if live(self) || self.slot_waiters.iter().any(|k| k == key) {
+        if live(self) || self.st.slot_waiters.iter().any(|k| k == key) {
             return Ok(());
         }
         Err(self.no_room_error())
     }
 
     fn no_room_error(&self) -> ApiError {
-        if self.procs.len() < self.settings.max_processes {
+        if self.st.procs.len() < self.settings.max_processes {
             let floor = self.settings.min_free_memory >> 20;
-            let avail = self.memory.as_ref().map_or(0, |m| m.available >> 20);
+            let avail = self.st.memory.as_ref().map_or(0, |m| m.available >> 20);
             let size = self.claude_size() >> 20;
             let msg = format!(
                 "not enough memory for another claude (~{size} MiB): {avail} MiB available, min_free_memory is \
@@ -127,27 +127,27 @@ impl Engine {
     /// the least recently used) when that makes room for every waiter; when nothing can, the
     /// newest waiter is refused. Then keep the spares topped up.
     pub(super) fn rebalance(&mut self, now: Instant) {
-        while let Some(key) = self.slot_waiters.front().cloned() {
-            let Some(s) = self.sessions.get(&key) else {
-                self.slot_waiters.pop_front();
+        while let Some(key) = self.st.slot_waiters.front().cloned() {
+            let Some(s) = self.st.sessions.get(&key) else {
+                self.st.slot_waiters.pop_front();
                 continue;
             };
             if s.proc.is_some() {
                 break; // its previous claude is still stopping: the session cannot run twice
             }
             if self.has_room() {
-                self.slot_waiters.pop_front();
-                self.sessions.get_mut(&key).expect("session").wants_slot = false;
+                self.st.slot_waiters.pop_front();
+                self.st.sessions.get_mut(&key).expect("session").wants_slot = false;
                 self.spawn(now, &key);
                 continue;
             }
             if self.make_room(now) {
                 break;
             }
-            let newest = self.slot_waiters.pop_back().expect("a waiter");
+            let newest = self.st.slot_waiters.pop_back().expect("a waiter");
             let err = self.no_room_error();
             log::warn!("session {newest}: {}", err.message);
-            if let Some(s) = self.sessions.get_mut(&newest) {
+            if let Some(s) = self.st.sessions.get_mut(&newest) {
                 s.wants_slot = false;
             }
             self.fail_queued(now, &newest, &err);
@@ -158,7 +158,7 @@ impl Engine {
     /// Stop idle claudes until every waiter has room on its way; false (and nothing stopped)
     /// when even stopping all of them would not do.
     fn make_room(&mut self, now: Instant) -> bool {
-        let n = self.slot_waiters.len();
+        let n = self.st.slot_waiters.len();
         if self.room_for(n, 0, 0) {
             return true;
         }
@@ -180,10 +180,11 @@ impl Engine {
     fn eviction_order(&self) -> Vec<ProcId> {
         let idle = |p: &super::process::Process| {
             p.state != ProcState::Stopping
-                && self.sessions.get(&p.session).is_none_or(Session::is_idle)
-                && !self.slot_waiters.contains(&p.session)
+                && self.st.sessions.get(&p.session).is_none_or(Session::is_idle)
+                && !self.st.slot_waiters.contains(&p.session)
         };
         let mut order: Vec<(bool, Instant, ProcId)> = self
+            .st
             .procs
             .iter()
             .filter(|(_, p)| idle(p) && (is_spare_key(&p.session) || p.state == ProcState::Ready))
@@ -195,8 +196,8 @@ impl Engine {
 
     /// Hand a warm spare to a new session: its first turn needs no spawn.
     fn take_spare(&mut self, now: Instant, key: &str) -> bool {
-        let state = |k: &String| self.sessions[k].proc.and_then(|p| self.procs.get(&p)).map(|p| p.state);
-        let spares: Vec<&String> = self.sessions.keys().filter(|k| is_spare_key(k)).collect();
+        let state = |k: &String| self.st.sessions[k].proc.and_then(|p| self.st.procs.get(&p)).map(|p| p.state);
+        let spares: Vec<&String> = self.st.sessions.keys().filter(|k| is_spare_key(k)).collect();
         // A ready spare first, else one still starting.
         let pick = [ProcState::Ready, ProcState::Starting]
             .into_iter()
@@ -204,38 +205,38 @@ impl Engine {
         let Some(spare_key) = pick else {
             return false;
         };
-        let spare = self.sessions.remove(&spare_key).expect("spare");
+        let spare = self.st.sessions.remove(&spare_key).expect("spare");
         let id = spare.proc.expect("a spare has a process");
         log::info!("session {key}: takes the warm spare process {id} (claude session {})", spare.uuid);
-        let s = self.sessions.get_mut(key).expect("session");
+        let s = self.st.sessions.get_mut(key).expect("session");
         s.uuid = spare.uuid;
         s.proc = Some(id);
-        self.procs.get_mut(&id).expect("spare process").session = key.to_string();
+        self.st.procs.get_mut(&id).expect("spare process").session = key.to_string();
         // The map must name the Claude session the conversation now lives in.
         self.save_sessions();
-        self.spare_at = Some(now);
+        self.st.spare_at = Some(now);
         true
     }
 
     /// Start spares until `spare_processes` are up, when nobody waits and there is room.
     pub(super) fn refill_spares(&mut self, now: Instant) {
         if self.shutting_down() {
-            self.spare_at = None; // no more spares: a deadline left here would fire forever
+            self.st.spare_at = None; // no more spares: a deadline left here would fire forever
             return;
         }
-        if self.spare_at.is_some_and(|t| now < t) {
+        if self.st.spare_at.is_some_and(|t| now < t) {
             return;
         }
-        self.spare_at = None;
-        let spares = self.sessions.keys().filter(|k| is_spare_key(k)).count();
+        self.st.spare_at = None;
+        let spares = self.st.sessions.keys().filter(|k| is_spare_key(k)).count();
         for _ in spares..self.settings.spare_processes {
-            if !self.slot_waiters.is_empty() || !self.has_room() {
+            if !self.st.slot_waiters.is_empty() || !self.has_room() {
                 return;
             }
-            let key = format!("{SPARE_PREFIX}{}", self.next_proc);
-            let mut s = Session::new(key.clone(), self.ids.uuid(), self.unix_secs);
+            let key = format!("{SPARE_PREFIX}{}", self.st.next_proc);
+            let mut s = Session::new(key.clone(), self.ids.uuid(), self.st.unix_secs);
             s.ephemeral = true; // never saved
-            self.sessions.insert(key.clone(), s);
+            self.st.sessions.insert(key.clone(), s);
             self.spawn(now, &key);
         }
     }
@@ -243,15 +244,15 @@ impl Engine {
     /// A spare died or failed before it was used: forget it, and wait before the next one.
     pub(super) fn spare_lost(&mut self, now: Instant, key: &str) {
         if is_spare_key(key) {
-            self.sessions.remove(key);
-            self.spare_at = Some(now + SPARE_RETRY);
+            self.st.sessions.remove(key);
+            self.st.spare_at = Some(now + SPARE_RETRY);
         }
     }
 
     /// A memory reading from the shell. Below the floor, idle claudes are stopped (spares
     /// first) until the floor is kept; never one with a turn in flight or queued.
     pub(super) fn on_memory(&mut self, now: Instant, available: u64, groups: Vec<(ProcId, u64)>) {
-        self.memory = Some(Memory { available, groups: groups.into_iter().collect(), spawned: 0, freed: 0 });
+        self.st.memory = Some(Memory { available, groups: groups.into_iter().collect(), spawned: 0, freed: 0 });
         let floor = self.settings.min_free_memory;
         let mut predicted = available;
         let mut victims = self.eviction_order().into_iter();
@@ -271,13 +272,13 @@ impl Engine {
 
     /// Book-keeping between readings: a claude started, or one was reaped.
     pub(super) fn memory_spawned(&mut self) {
-        if let Some(m) = &mut self.memory {
+        if let Some(m) = &mut self.st.memory {
             m.spawned += 1;
         }
     }
 
     pub(super) fn memory_freed(&mut self, id: ProcId) {
-        if let Some(m) = &mut self.memory {
+        if let Some(m) = &mut self.st.memory {
             m.freed += m.groups.remove(&id).unwrap_or(0);
         }
     }

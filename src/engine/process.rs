@@ -150,9 +150,9 @@ impl Process {
 
 impl Engine {
     pub(super) fn spawn(&mut self, now: Instant, key: &str) {
-        let id = self.next_proc;
-        self.next_proc += 1;
-        let session = self.sessions.get_mut(key).expect("session");
+        let id = self.st.next_proc;
+        self.st.next_proc += 1;
+        let session = self.st.sessions.get_mut(key).expect("session");
         session.proc = Some(id);
         let spec = SpawnSpec {
             session_uuid: session.uuid.clone(),
@@ -188,22 +188,22 @@ impl Engine {
             stop_reason: None,
             transcript_read: false,
         };
-        self.procs.insert(id, proc);
+        self.st.procs.insert(id, proc);
         self.memory_spawned();
         self.push(Output::Spawn { proc: id, spec });
     }
 
     pub(super) fn on_spawned(&mut self, id: ProcId, pid: u32, resumed: bool) {
-        let Some(p) = self.procs.get_mut(&id) else { return };
+        let Some(p) = self.st.procs.get_mut(&id) else { return };
         log::info!("session {}: process {id} is claude pid {pid}", p.session);
         p.pid = Some(pid);
-        if let Some(s) = self.sessions.get_mut(&p.session) {
+        if let Some(s) = self.st.sessions.get_mut(&p.session) {
             s.claude_fresh = !resumed;
         }
     }
 
     pub(super) fn on_spawn_failed(&mut self, now: Instant, id: ProcId, error: String) {
-        let Some(p) = self.procs.remove(&id) else {
+        let Some(p) = self.st.procs.remove(&id) else {
             return;
         };
         let msg = format!("cannot start claude: {error}; check claude_command in synthesis.conf");
@@ -216,7 +216,7 @@ impl Engine {
     }
 
     pub(super) fn on_terminal(&mut self, now: Instant, id: ProcId, text: &str) {
-        let Some(p) = self.procs.get_mut(&id) else {
+        let Some(p) = self.st.procs.get_mut(&id) else {
             return;
         };
         let prompts = p.screen.push(text);
@@ -238,7 +238,7 @@ impl Engine {
                 Prompt::WorkspaceTrust | Prompt::ApiKeyApproval => {
                     let code =
                         if prompt == Prompt::WorkspaceTrust { "workspace_not_trusted" } else { "api_key_not_approved" };
-                    let p = &self.procs[&id];
+                    let p = &self.st.procs[&id];
                     let msg = format!("{} {}", prompt.advice(), p.tail());
                     log::error!("session {}: {msg}", p.session);
                     self.fail_process(now, id, ApiError::new(502, code, msg));
@@ -251,7 +251,7 @@ impl Engine {
 
     /// Enter on the development-channels warning, once, after it has been drawn.
     fn confirm_dev_channels(&mut self, now: Instant, id: ProcId) {
-        let p = self.procs.get_mut(&id).expect("process");
+        let p = self.st.procs.get_mut(&id).expect("process");
         if !p.dialog_seen {
             p.dialog_seen = true;
             p.type_later(now, CONFIRM_DELAY, "\r");
@@ -262,7 +262,7 @@ impl Engine {
     /// selection has moved); once. Enter is never typed while "No, exit" may be selected: if the
     /// screen stays, the ready timeout fails the request with it on the terminal tail.
     fn select_trust(&mut self, now: Instant, id: ProcId) {
-        let p = self.procs.get_mut(&id).expect("process");
+        let p = self.st.procs.get_mut(&id).expect("process");
         if p.trust == TrustStep::Unanswered {
             p.trust = TrustStep::Selecting;
             p.type_later(now, TRUST_DELAY, TRUST_SELECT);
@@ -274,7 +274,8 @@ impl Engine {
             return self.on_hello(now, conn, v, &token);
         }
         let silence = self.settings.bridge_silence;
-        let Some((&id, p)) = self.bridges.get(&conn).and_then(|id| self.procs.get_mut(id).map(|p| (id, p))) else {
+        let Some((&id, p)) = self.st.bridges.get(&conn).and_then(|id| self.st.procs.get_mut(id).map(|p| (id, p)))
+        else {
             log::warn!("bridge {conn}: frame before hello, closing");
             self.push(Output::CloseBridge { conn });
             return;
@@ -297,7 +298,7 @@ impl Engine {
                 self.on_permission_request(now, &key, request_id, &tool_name, &description, &input_preview)
             }
             FromChannel::ToolsListed => {
-                let p = self.procs.get_mut(&id).expect("bound process");
+                let p = self.st.procs.get_mut(&id).expect("bound process");
                 if p.tools_wait_until.take().is_some() {
                     self.deliver_next(now, &key);
                 }
@@ -309,10 +310,10 @@ impl Engine {
     /// The channel's first frame binds its socket to its process; the client tools follow at
     /// once, for claude's first `tools/list`.
     fn on_hello(&mut self, now: Instant, conn: ConnId, v: u32, token: &str) {
-        let found = self
-            .procs
-            .iter_mut()
-            .find(|(_, p)| p.bridge.is_none() && p.state == ProcState::Starting && same_token(&p.bridge_token, token));
+        let found =
+            self.st.procs.iter_mut().find(|(_, p)| {
+                p.bridge.is_none() && p.state == ProcState::Starting && same_token(&p.bridge_token, token)
+            });
         let Some((&id, p)) = found.filter(|_| v == bridge::VERSION) else {
             log::warn!("bridge {conn}: hello with an unknown or used token or version {v}, closing");
             self.push(Output::CloseBridge { conn });
@@ -324,13 +325,13 @@ impl Engine {
         p.last_heard = now;
         p.silent_at = Some(now + self.settings.bridge_silence);
         let key = p.session.clone();
-        self.bridges.insert(conn, id);
+        self.st.bridges.insert(conn, id);
         self.send_tools(&key, id);
     }
 
     /// The channel is initialised (and claude had time to register it): deliver.
     fn on_ready(&mut self, now: Instant, id: ProcId) {
-        let p = self.procs.get_mut(&id).expect("bound process");
+        let p = self.st.procs.get_mut(&id).expect("bound process");
         if p.state != ProcState::Starting {
             return;
         }
@@ -340,23 +341,23 @@ impl Engine {
         let key = p.session.clone();
         let took = now.duration_since(p.started);
         log::info!("session {key}: process {id} ready after {} ms", took.as_millis());
-        self.metrics.spawn_duration.observe(took);
+        self.st.metrics.spawn_duration.observe(took);
         self.deliver_next(now, &key);
     }
 
     /// A bound bridge closing means the channel is gone: claude is useless without it.
     pub(super) fn on_bridge_closed(&mut self, now: Instant, conn: ConnId) {
-        let Some(id) = self.bridges.remove(&conn) else {
+        let Some(id) = self.st.bridges.remove(&conn) else {
             return;
         };
-        if let Some(p) = self.procs.get_mut(&id) {
+        if let Some(p) = self.st.procs.get_mut(&id) {
             p.bridge = None;
             self.stop_process(now, id, "its channel disconnected from the bridge");
         }
     }
 
     pub(super) fn on_exited(&mut self, now: Instant, id: ProcId, status: &str) {
-        let Some(p) = self.procs.remove(&id) else {
+        let Some(p) = self.st.procs.remove(&id) else {
             return;
         };
         let alive = now.duration_since(p.started).as_millis();
@@ -373,13 +374,13 @@ impl Engine {
         }
         let why = p.stop_reason.as_ref().map_or(String::new(), |r| format!(" (synthesis was stopping it: {r})"));
         let reason = format!("{} exited ({status}){why}", p.describe());
-        if self.sessions[&key].current.as_ref().is_some_and(|t| t.awaits_usage()) {
+        if self.st.sessions[&key].current.as_ref().is_some_and(|t| t.awaits_usage()) {
             self.end_stopped_turn(now, &key); // Claude had answered it
-        } else if self.sessions[&key].current.is_some() {
+        } else if self.st.sessions[&key].current.is_some() {
             let msg = format!("{reason} during the turn; {}", p.tail());
             self.end_turn(now, &key, Answer::Error(ApiError::new(502, "claude_exited", msg)));
         }
-        let queued = !self.sessions[&key].queue.is_empty();
+        let queued = !self.st.sessions[&key].queue.is_empty();
         if queued && p.state == ProcState::Starting {
             // Died before becoming ready: respawning would likely loop; report why.
             let msg = format!("{reason} before its channel was ready; {}", p.tail());
@@ -397,19 +398,19 @@ impl Engine {
     /// Forget the process in its session and bridge tables.
     fn detach(&mut self, p: &Process) {
         if let Some(conn) = p.bridge {
-            self.bridges.remove(&conn);
+            self.st.bridges.remove(&conn);
             self.push(Output::CloseBridge { conn });
         }
-        if let Some(s) = self.sessions.get_mut(&p.session) {
+        if let Some(s) = self.st.sessions.get_mut(&p.session) {
             s.proc = None;
         }
     }
 
     /// Fail everything the process's session is waiting for, then stop the process.
     fn fail_process(&mut self, now: Instant, id: ProcId, err: ApiError) {
-        let key = self.procs[&id].session.clone();
+        let key = self.st.procs[&id].session.clone();
         self.stop_process(now, id, &err.message);
-        if self.sessions[&key].current.is_some() {
+        if self.st.sessions[&key].current.is_some() {
             self.end_turn(now, &key, Answer::Error(err.clone()));
         }
         self.fail_queued(now, &key, &err);
@@ -417,7 +418,7 @@ impl Engine {
 
     /// SIGTERM to the process group, SIGKILL after `stop_grace`.
     pub(super) fn stop_process(&mut self, now: Instant, id: ProcId, reason: &str) {
-        let Some(p) = self.procs.get_mut(&id) else {
+        let Some(p) = self.st.procs.get_mut(&id) else {
             return;
         };
         if p.state == ProcState::Stopping {
@@ -433,9 +434,9 @@ impl Engine {
     /// Ready timeouts, dialog confirmations, settle ends and SIGKILLs that are due.
     pub(super) fn expire_processes(&mut self, now: Instant) {
         let due: Vec<ProcId> =
-            self.procs.iter().filter(|(_, p)| p.deadline().is_some_and(|d| now >= d)).map(|(id, _)| *id).collect();
+            self.st.procs.iter().filter(|(_, p)| p.deadline().is_some_and(|d| now >= d)).map(|(id, _)| *id).collect();
         for id in due {
-            let p = self.procs.get_mut(&id).expect("due process");
+            let p = self.st.procs.get_mut(&id).expect("due process");
             match p.state {
                 ProcState::Starting if p.confirm_at.is_some_and(|t| now >= t) => {
                     p.confirm_at = None;
@@ -462,7 +463,7 @@ impl Engine {
 
     /// Deadlines of a ready process: heartbeat silence, redelivery, end of an interrupt's settle.
     fn expire_ready(&mut self, now: Instant, id: ProcId) {
-        let p = self.procs.get_mut(&id).expect("due process");
+        let p = self.st.procs.get_mut(&id).expect("due process");
         let due = |t: Option<Instant>| t.is_some_and(|t| now >= t);
         if due(p.silent_at) {
             let secs = now.duration_since(p.last_heard).as_secs();
@@ -475,7 +476,7 @@ impl Engine {
             p.redeliver_at = None;
             self.redeliver(now, id);
         }
-        let p = self.procs.get_mut(&id).expect("due process");
+        let p = self.st.procs.get_mut(&id).expect("due process");
         if due(p.tools_wait_until) {
             log::warn!("session {key}: claude did not re-list tools after the catalog changed; delivering");
         }
@@ -492,9 +493,9 @@ impl Engine {
     /// hook has shown that a message got through, an unacknowledged delivery is sent again;
     /// after that, never.
     fn redeliver(&mut self, now: Instant, id: ProcId) {
-        let p = self.procs.get_mut(&id).expect("process");
+        let p = self.st.procs.get_mut(&id).expect("process");
         let (key, bridge) = (p.session.clone(), p.bridge);
-        let Some(turn) = self.sessions.get(&key).and_then(|s| s.current.as_ref()) else { return };
+        let Some(turn) = self.st.sessions.get(&key).and_then(|s| s.current.as_ref()) else { return };
         let Some(conn) = bridge.filter(|_| !p.channel_proven) else { return };
         if p.deliveries >= MAX_DELIVERIES {
             let msg = format!(
@@ -509,7 +510,7 @@ impl Engine {
         }
         p.deliveries += 1;
         p.redeliver_at = Some(now + ACK_TIMEOUT);
-        self.metrics.deliveries_repeated += 1;
+        self.st.metrics.deliveries_repeated += 1;
         log::warn!("session {key}: claude has not taken {} yet, delivering again", turn.chat_id);
         let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
         self.push(Output::Bridge { conn, frame });
@@ -517,8 +518,8 @@ impl Engine {
 
     /// `UserPromptSubmit`: claude took a message into a turn, so its channel works.
     pub(super) fn on_prompt_submitted(&mut self, id: ProcId, prompt: &str) {
-        let p = self.procs.get_mut(&id).expect("process of hook token");
-        let current = self.sessions.get(&p.session).and_then(|s| s.current.as_ref());
+        let p = self.st.procs.get_mut(&id).expect("process of hook token");
+        let current = self.st.sessions.get(&p.session).and_then(|s| s.current.as_ref());
         if current.is_some_and(|t| prompt.contains(&format!("chat_id=\"{}\"", t.chat_id))) {
             p.channel_proven = true;
             p.redeliver_at = None;
@@ -528,9 +529,10 @@ impl Engine {
     /// Stop processes idle longer than `idle_timeout`; never one with a turn in flight or queued.
     pub(super) fn sweep_idle(&mut self, now: Instant) {
         let idle: Vec<ProcId> = self
+            .st
             .procs
             .iter()
-            .filter(|(_, p)| p.state == ProcState::Ready && self.sessions[&p.session].is_idle())
+            .filter(|(_, p)| p.state == ProcState::Ready && self.st.sessions[&p.session].is_idle())
             .filter(|(_, p)| !is_spare_key(&p.session)) // a spare is there to wait
             .filter(|(_, p)| now.duration_since(p.idle_since) >= self.settings.idle_timeout)
             .map(|(id, _)| *id)
@@ -542,7 +544,7 @@ impl Engine {
 
     /// The process behind a hook token.
     pub(super) fn process_by_hook_token(&self, token: &str) -> Option<ProcId> {
-        self.procs.iter().find(|(_, p)| same_token(&p.hook_token, token)).map(|(id, _)| *id)
+        self.st.procs.iter().find(|(_, p)| same_token(&p.hook_token, token)).map(|(id, _)| *id)
     }
 }
 

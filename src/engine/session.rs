@@ -137,26 +137,26 @@ impl Session {
 impl Engine {
     /// Queue a turn for `key`, making sure a process is (or will be) there to take it.
     pub(super) fn admit(&mut self, now: Instant, key: &str, mut turn: Turn, l: Listener) -> Result<(), ApiError> {
-        let session = self.sessions.get_mut(key).expect("session exists");
+        let session = self.st.sessions.get_mut(key).expect("session exists");
         if session.queue.len() >= self.settings.queue_depth {
             let msg = format!("{} requests are already waiting for this session; retry later", session.queue.len());
             return Err(ApiError::new(429, "session_queue_full", msg).retry_after(5));
         }
         self.ensure_process(now, key)?;
-        let session = self.sessions.get_mut(key).expect("session exists");
+        let session = self.st.sessions.get_mut(key).expect("session exists");
         session.turns += 1;
         session.last_used = l.completion.created;
         turn.chat_id = format!("chat-{}", session.turns);
-        self.sessions_dirty = true;
+        self.st.sessions_dirty = true;
         self.listen(now, key, &mut turn, l);
-        self.sessions.get_mut(key).expect("session exists").queue.push_back(turn);
+        self.st.sessions.get_mut(key).expect("session exists").queue.push_back(turn);
         self.deliver_next(now, key);
         Ok(())
     }
 
     /// Make `l` wait for `turn`, and open its response.
     pub(super) fn listen(&mut self, now: Instant, key: &str, turn: &mut Turn, l: Listener) {
-        self.waiting.insert(l.conn, key.to_string());
+        self.st.waiting.insert(l.conn, key.to_string());
         self.open_listener(&l, &turn.replies);
         turn.listeners.push(l);
         turn.orphan_deadline = None;
@@ -166,18 +166,18 @@ impl Engine {
 
     /// Deliver the next queued turn if the session's process is ready and free.
     pub(super) fn deliver_next(&mut self, now: Instant, key: &str) {
-        let Some(session) = self.sessions.get_mut(key) else { return };
+        let Some(session) = self.st.sessions.get_mut(key) else { return };
         if session.current.is_some() || session.queue.is_empty() {
             return;
         }
         let Some(pid) = session.proc else { return };
-        let Some(bridge) = self.procs.get(&pid).and_then(|p| p.accepting_bridge(now)) else { return };
+        let Some(bridge) = self.st.procs.get(&pid).and_then(|p| p.accepting_bridge(now)) else { return };
         if self.send_tools(key, pid) {
             // Claude re-lists tools on `list_changed`; deliver once it has (or after a short wait).
-            self.procs.get_mut(&pid).expect("process").tools_wait_until = Some(now + TOOLS_WAIT);
+            self.st.procs.get_mut(&pid).expect("process").tools_wait_until = Some(now + TOOLS_WAIT);
             return;
         }
-        let session = self.sessions.get_mut(key).expect("session");
+        let session = self.st.sessions.get_mut(key).expect("session");
         let mut turn = session.queue.pop_front().expect("queue not empty");
         let (fresh, seen) = (session.claude_fresh, session.system_hash);
         if fresh {
@@ -186,7 +186,7 @@ impl Engine {
         let files;
         (turn.content, files) = compose(&mut turn.parts, session, fresh);
         session.claude_fresh = false;
-        self.sessions_dirty |= session.system_hash != seen;
+        self.st.sessions_dirty |= session.system_hash != seen;
         turn.deadline = Some(now + self.settings.turn_timeout);
         turn.delivered = Some(now);
         let frame = ToChannel::Deliver { chat_id: turn.chat_id.clone(), content: turn.content.clone() };
@@ -196,7 +196,7 @@ impl Engine {
             self.push(Output::WriteAttachment { path: file.path, bytes: file.bytes });
         }
         self.push(Output::Bridge { conn: bridge, frame });
-        let p = self.procs.get_mut(&pid).expect("process of the session");
+        let p = self.st.procs.get_mut(&pid).expect("process of the session");
         p.turns += 1;
         if !p.channel_proven {
             p.deliveries = 1;
@@ -207,16 +207,16 @@ impl Engine {
     /// Run `f` on the session's turn in flight, lent out of the session so that `f` can use the
     /// whole engine. `None` when no turn is in flight.
     pub(super) fn with_current<R>(&mut self, key: &str, f: impl FnOnce(&mut Engine, &mut Turn) -> R) -> Option<R> {
-        let mut turn = self.sessions.get_mut(key)?.current.take()?;
+        let mut turn = self.st.sessions.get_mut(key)?.current.take()?;
         let result = f(self, &mut turn);
-        self.sessions.get_mut(key).expect("session").current = Some(turn);
+        self.st.sessions.get_mut(key).expect("session").current = Some(turn);
         Some(result)
     }
 
     /// Send a frame to the channel of the session's process, if it is connected.
     pub(super) fn send_to_channel(&mut self, key: &str, frame: ToChannel) {
         let bridge =
-            self.sessions.get(key).and_then(|s| s.proc).and_then(|p| self.procs.get(&p)).and_then(|p| p.bridge);
+            self.st.sessions.get(key).and_then(|s| s.proc).and_then(|p| self.st.procs.get(&p)).and_then(|p| p.bridge);
         if let Some(conn) = bridge {
             self.push(Output::Bridge { conn, frame });
         }
@@ -228,7 +228,7 @@ impl Engine {
     /// reply with no turn in flight, or naming an interrupted turn (no Stop closed it), is late
     /// and dropped, never given to the next turn.
     pub(super) fn on_reply(&mut self, now: Instant, key: &str, chat_id: &str, text: String) {
-        if self.sessions.get(key).is_some_and(|s| s.interrupted.as_deref() == Some(chat_id)) {
+        if self.st.sessions.get(key).is_some_and(|s| s.interrupted.as_deref() == Some(chat_id)) {
             log::warn!("session {key}: late reply for the interrupted {chat_id}, dropped");
             return;
         }
@@ -245,7 +245,7 @@ impl Engine {
 
     /// End the turn in flight with `answer` and move on to the next one.
     pub(super) fn end_turn(&mut self, now: Instant, key: &str, answer: Answer) {
-        let Some(session) = self.sessions.get_mut(key) else { return };
+        let Some(session) = self.st.sessions.get_mut(key) else { return };
         let Some(mut turn) = session.current.take() else { return };
         if let Answer::Text(text) = &answer {
             super::bounds::remember(&mut session.recent, turn.fingerprint, text.clone(), turn.usage, now);
@@ -257,7 +257,7 @@ impl Engine {
         };
         self.count_turn(now, &turn, outcome);
         self.answer(&mut turn, &answer);
-        if let Some(p) = proc.and_then(|id| self.procs.get_mut(&id)) {
+        if let Some(p) = proc.and_then(|id| self.st.procs.get_mut(&id)) {
             p.idle_since = now;
         }
         if ephemeral {
@@ -273,7 +273,7 @@ impl Engine {
 
     /// Fail every turn of a session that has not reached Claude.
     pub(super) fn fail_queued(&mut self, now: Instant, key: &str, err: &ApiError) {
-        let queued: Vec<Turn> = match self.sessions.get_mut(key) {
+        let queued: Vec<Turn> = match self.st.sessions.get_mut(key) {
             Some(s) => s.queue.drain(..).collect(),
             None => return,
         };
@@ -285,7 +285,7 @@ impl Engine {
 
     pub(super) fn fail_all_queued(&mut self, now: Instant) {
         let err = super::api::shutting_down();
-        let keys: Vec<String> = self.sessions.keys().cloned().collect();
+        let keys: Vec<String> = self.st.sessions.keys().cloned().collect();
         for key in keys {
             self.fail_queued(now, &key, &err);
         }
@@ -294,26 +294,31 @@ impl Engine {
     /// Turn deadlines: turn timeout (interrupt, 504), abandoned by every client (interrupt),
     /// keep-alive for streams.
     pub(super) fn expire_turns(&mut self, now: Instant) {
-        let due: Vec<String> =
-            self.sessions.values().filter(|s| s.deadline().is_some_and(|d| now >= d)).map(|s| s.key.clone()).collect();
+        let due: Vec<String> = self
+            .st
+            .sessions
+            .values()
+            .filter(|s| s.deadline().is_some_and(|d| now >= d))
+            .map(|s| s.key.clone())
+            .collect();
         let due_at = |t: Option<Instant>| t.is_some_and(|t| now >= t);
         for key in due {
-            let mut queue = std::mem::take(&mut self.sessions.get_mut(&key).expect("session").queue);
+            let mut queue = std::mem::take(&mut self.st.sessions.get_mut(&key).expect("session").queue);
             for turn in queue.iter_mut().filter(|t| due_at(t.keepalive_at)) {
                 self.keep_alive(now, turn);
             }
-            let session = self.sessions.get_mut(&key).expect("session");
+            let session = self.st.sessions.get_mut(&key).expect("session");
             session.queue = queue;
             if self.expire_usage_wait(now, &key) {
                 continue;
             }
-            let session = self.sessions.get_mut(&key).expect("session");
+            let session = self.st.sessions.get_mut(&key).expect("session");
             let Some(mut turn) = session.current.take() else { continue };
             if due_at(turn.keepalive_at) {
                 self.keep_alive(now, &mut turn);
             }
             let (timed_out, orphaned) = (due_at(turn.deadline), due_at(turn.orphan_deadline));
-            self.sessions.get_mut(&key).expect("session").current = Some(turn);
+            self.st.sessions.get_mut(&key).expect("session").current = Some(turn);
             if timed_out {
                 let secs = self.settings.turn_timeout.as_secs();
                 let msg = format!("Claude did not finish the turn within {secs} s; it was interrupted");
@@ -327,12 +332,12 @@ impl Engine {
     /// Abort the turn in flight with one ESC (no Stop hook follows), answer it with `err`,
     /// and let the process settle before the next turn.
     pub(super) fn interrupt(&mut self, now: Instant, key: &str, err: Option<ApiError>) {
-        let Some(mut turn) = self.sessions.get_mut(key).and_then(|s| s.current.take()) else { return };
+        let Some(mut turn) = self.st.sessions.get_mut(key).and_then(|s| s.current.take()) else { return };
         log::info!("session {key}: interrupting {}", turn.chat_id);
-        self.sessions.get_mut(key).expect("session").interrupted = Some(turn.chat_id.clone());
-        if let Some(pid) = self.sessions[key].proc {
+        self.st.sessions.get_mut(key).expect("session").interrupted = Some(turn.chat_id.clone());
+        if let Some(pid) = self.st.sessions[key].proc {
             self.push(Output::WriteTerminal { proc: pid, data: "\x1b".into() });
-            if let Some(p) = self.procs.get_mut(&pid) {
+            if let Some(p) = self.st.procs.get_mut(&pid) {
                 p.settle_until = Some(now + self.settings.settle);
                 p.idle_since = now;
             }
@@ -349,9 +354,9 @@ impl Engine {
     /// a turn in flight nobody waits for is interrupted after `retry_grace`, unless a retry of
     /// the same request attaches to it first.
     pub(super) fn on_conn_closed(&mut self, now: Instant, conn: ConnId) {
-        let Some(key) = self.waiting.remove(&conn) else { return };
+        let Some(key) = self.st.waiting.remove(&conn) else { return };
         let grace = self.settings.retry_grace;
-        let Some(session) = self.sessions.get_mut(&key) else { return };
+        let Some(session) = self.st.sessions.get_mut(&key) else { return };
         for turn in session.current.iter_mut().chain(session.queue.iter_mut()) {
             turn.listeners.retain(|l| l.conn != conn);
         }
@@ -361,7 +366,7 @@ impl Engine {
         for turn in &dropped {
             self.count_turn(now, turn, metrics::ABANDONED);
         }
-        let Some(session) = self.sessions.get_mut(&key) else { return };
+        let Some(session) = self.st.sessions.get_mut(&key) else { return };
         if let Some(turn) = session.current.as_mut().filter(|t| t.listeners.is_empty() && !t.awaits_client()) {
             log::info!("session {key}: the client of {} left", turn.chat_id);
             turn.orphan_deadline = Some(now + grace);

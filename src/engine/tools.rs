@@ -33,9 +33,9 @@ impl Engine {
 
     /// Send the session's catalog to its process when the process has not seen it yet; true if sent.
     pub(super) fn send_tools(&mut self, key: &str, pid: ProcId) -> bool {
-        let tools = self.sessions[key].tools.clone();
+        let tools = self.st.sessions[key].tools.clone();
         let hash = fingerprint(&serde_json::to_string(&tools).expect("tools serialise"));
-        let Some(p) = self.procs.get_mut(&pid) else { return false };
+        let Some(p) = self.st.procs.get_mut(&pid) else { return false };
         let Some(conn) = p.bridge.filter(|_| p.tools_sent != Some(hash)) else { return false };
         p.tools_sent = Some(hash);
         self.push(Output::Bridge { conn, frame: ToChannel::Tools { tools } });
@@ -85,7 +85,7 @@ impl Engine {
         req: &ChatRequest,
         l: Listener,
     ) -> Option<Listener> {
-        let turn = self.sessions.get_mut(key)?.current.as_mut().filter(|t| t.asked.is_some());
+        let turn = self.st.sessions.get_mut(key)?.current.as_mut().filter(|t| t.asked.is_some());
         let Some(turn) = turn else { return Some(l) };
         let asked = turn.asked.take().expect("asked");
         let result = req

@@ -185,7 +185,7 @@ impl Engine {
     pub(super) fn answer(&mut self, turn: &mut Turn, answer: &Answer) {
         let usage = std::mem::take(&mut turn.usage);
         for l in std::mem::take(&mut turn.listeners) {
-            if let (Some(key), Answer::Text(text)) = (self.waiting.remove(&l.conn), answer) {
+            if let (Some(key), Answer::Text(text)) = (self.st.waiting.remove(&l.conn), answer) {
                 self.remember_answer(&key, answer_print(text));
             }
             let (conn, c) = (l.conn, &l.completion);
@@ -219,7 +219,7 @@ impl Engine {
         let text = turn.replies.join("\n\n");
         let usage = std::mem::take(&mut turn.usage);
         for l in std::mem::take(&mut turn.listeners) {
-            if let Some(key) = self.waiting.remove(&l.conn) {
+            if let Some(key) = self.st.waiting.remove(&l.conn) {
                 self.remember_answer(&key, call_print(&call.id));
             }
             let (conn, c) = (l.conn, &l.completion);

@@ -28,13 +28,13 @@ impl Turn {
 
 impl Engine {
     pub(super) fn on_usage(&mut self, now: Instant, id: ProcId, read: TranscriptRead) {
-        let Some(p) = self.procs.get_mut(&id) else { return };
+        let Some(p) = self.st.procs.get_mut(&id) else { return };
         p.transcript_read = true;
         let key = p.session.clone();
         let mut complete = false;
         for (chat_id, usage) in &read.usage {
-            self.metrics.usage.add(usage);
-            let turn = self.sessions.get_mut(&key).and_then(|s| s.current.as_mut());
+            self.st.metrics.usage.add(usage);
+            let turn = self.st.sessions.get_mut(&key).and_then(|s| s.current.as_mut());
             match turn {
                 Some(t) if chat_id.as_deref() == Some(t.chat_id.as_str()) => t.usage.add(usage),
                 _ => log::debug!(
@@ -44,7 +44,7 @@ impl Engine {
                 ),
             }
         }
-        if let Some(turn) = self.sessions.get_mut(&key).and_then(|s| s.current.as_mut()) {
+        if let Some(turn) = self.st.sessions.get_mut(&key).and_then(|s| s.current.as_mut()) {
             if read.answered.as_deref() == Some(turn.chat_id.as_str()) {
                 turn.usage_complete = true;
                 complete = turn.awaits_usage();
@@ -65,8 +65,8 @@ impl Engine {
     /// Claude ended the turn: answer now, or (when the transcript is read but does not show the
     /// turn's answer yet) wait for it.
     pub(super) fn finish_turn(&mut self, now: Instant, id: ProcId, key: &str) {
-        let transcript_read = self.procs.get(&id).is_some_and(|p| p.transcript_read);
-        let Some(turn) = self.sessions.get_mut(key).and_then(|s| s.current.as_mut()) else { return };
+        let transcript_read = self.st.procs.get(&id).is_some_and(|p| p.transcript_read);
+        let Some(turn) = self.st.sessions.get_mut(key).and_then(|s| s.current.as_mut()) else { return };
         if !transcript_read || turn.usage_complete {
             return self.end_stopped_turn(now, key);
         }
@@ -80,14 +80,14 @@ impl Engine {
 
     /// The answer of a turn Claude has ended: everything it said.
     pub(super) fn end_stopped_turn(&mut self, now: Instant, key: &str) {
-        let Some(turn) = self.sessions.get(key).and_then(|s| s.current.as_ref()) else { return };
+        let Some(turn) = self.st.sessions.get(key).and_then(|s| s.current.as_ref()) else { return };
         let text = turn.replies.join("\n\n");
         self.end_turn(now, key, Answer::Text(text));
     }
 
     /// Deadlines of a turn waiting for its usage; true if it is one.
     pub(super) fn expire_usage_wait(&mut self, now: Instant, key: &str) -> bool {
-        let Some(s) = self.sessions.get_mut(key) else { return false };
+        let Some(s) = self.st.sessions.get_mut(key) else { return false };
         let proc = s.proc;
         let Some(turn) = s.current.as_mut().filter(|t| t.awaits_usage()) else { return false };
         if turn.usage_until.is_some_and(|t| now >= t) {
