@@ -212,8 +212,9 @@ impl Engine {
         s.uuid = spare.uuid;
         s.proc = Some(id);
         self.st.procs.get_mut(&id).expect("spare process").session = key.to_string();
-        // The map must name the Claude session the conversation now lives in.
-        self.save_sessions();
+        // The map must name the Claude session the conversation now lives in: a new session's
+        // request saves the map as soon as it is admitted (`chat_turn`), anything else at the sweep.
+        self.st.sessions_dirty = true;
         self.st.spare_at = Some(now);
         true
     }
